@@ -1,0 +1,86 @@
+"""Collecting the probe set inside Lightning: from the first real validation epoch's batches, once.
+
+Shared by every callback that explains a fixed set of examples, so they show the same probes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from lightning_lens._pl import pl
+from lightning_lens.utils import BatchAccessor, ProbeSet
+
+
+class ProbeCollector:
+    """Gathers candidate batches during validation and draws a :class:`ProbeSet` from them at epoch end.
+
+    Rank zero draws; the result is broadcast so every rank holds the same probes. Once drawn, the probes stay fixed
+    (also across checkpoint resume, through :meth:`state_dict`).
+
+    Args:
+        num: how many probes.
+        accessor: reads inputs, labels, ids, metadata and masks from batches.
+        seed: seed of the private generator that picks the probes.
+        probes: a ready probe set (then nothing is collected).
+    """
+
+    def __init__(self, num: int, accessor: BatchAccessor, seed: int = 0, probes: Optional[ProbeSet] = None) -> None:
+        if num < 1:
+            raise ValueError(f"num_probes must be >= 1, got {num}")
+        self.num = num
+        self.accessor = accessor
+        self.seed = seed
+        self.probes = probes
+        self._batches: list[Any] = []
+        self._seen = 0
+        self._cap = max(20 * num, 512)
+
+    def update(self, trainer: "pl.Trainer", batch: Any, dataloader_idx: int = 0) -> None:
+        """Keep a CPU copy of ``batch`` while candidates are still needed (call from ``on_validation_batch_end``)."""
+        if self.probes is not None or trainer.sanity_checking or dataloader_idx != 0 or self._seen >= self._cap:
+            return
+        self._batches.append(_to_cpu(batch))
+        self._seen += int(self.accessor.inputs(batch).shape[0])
+
+    def finalize(self, trainer: "pl.Trainer") -> Optional[ProbeSet]:
+        """Draw the probes from what was collected (call from ``on_validation_epoch_end``); returns them or None."""
+        if self.probes is None and not trainer.sanity_checking:
+            probes = None
+            if self._batches:
+                probes = ProbeSet.from_batches(self._batches, self.num, self.accessor, seed=self.seed)
+            if trainer.world_size > 1:
+                probes = trainer.strategy.broadcast(probes, src=0)
+            self.probes = probes
+            self._batches = []
+        return self.probes
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"probes": None if self.probes is None else self.probes.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("probes") is not None:
+            self.probes = ProbeSet.from_state_dict(state["probes"])
+
+
+def shared_probes(trainer: "pl.Trainer", exclude: Any = None) -> Optional[ProbeSet]:
+    """The probe set another callback of this trainer already drew (attribute ``probes``), if any."""
+    for cb in trainer.callbacks:
+        if cb is exclude:
+            continue
+        probes = getattr(cb, "probes", None)
+        if isinstance(probes, ProbeSet):
+            return probes
+    return None
+
+
+def _to_cpu(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().cpu().clone()
+    if isinstance(batch, dict):
+        return {k: _to_cpu(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_cpu(v) for v in batch) if not hasattr(batch, "_fields") else type(batch)(
+            *(_to_cpu(v) for v in batch))
+    return batch

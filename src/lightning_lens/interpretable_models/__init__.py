@@ -1,0 +1,13 @@
+"""Interpretable-by-design layers: mixture-of-experts routing, concept bottlenecks, kNN-retrieval heads."""
+
+from lightning_lens._lazy import lazy_exports
+
+_EXPORTS = {
+    "MixtureOfExperts": "moe",
+    "moe_aux_loss": "moe",
+    "ConceptBottleneckModel": "concept_bottleneck",
+    "ConceptBottleneckModule": "concept_module",  # a LightningModule: imports Lightning when used
+    "KNNHead": "knn",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,18 @@
+"""One sink layer: images, figures, tables, text, JSON and scalars dispatched over ``trainer.loggers``.
+
+TensorBoard gets images, text (markdown tables) and scalars; W&B gets ``log_image``/``log_table``/``log_text``
+aligned with ``trainer/global_step``; CSVLogger and any other logger with a ``log_dir`` get PNG, CSV, markdown and JSON
+files under ``<log_dir>/lens/<tag>/``. Only rank zero logs.
+"""
+
+from lightning_lens.loggers.sinks import (
+    log_figure,
+    log_image,
+    log_json,
+    log_scalars,
+    log_table,
+    log_text,
+    table_to_markdown,
+)
+
+__all__ = ["log_figure", "log_image", "log_json", "log_scalars", "log_table", "log_text", "table_to_markdown"]
