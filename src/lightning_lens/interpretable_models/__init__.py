@@ -8,6 +8,9 @@ _EXPORTS = {
     "ConceptBottleneckModel": "concept_bottleneck",
     "ConceptBottleneckModule": "concept_module",  # a LightningModule: imports Lightning when used
     "KNNHead": "knn",
+    "KNNClassifier": "knn",
+    "MomentumEncoder": "knn",
+    "Neighbors": "knn",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
