@@ -84,6 +84,7 @@ class NeighborGallery(Callback):
         self._labels: list[torch.Tensor] = []
         self._ids: list[torch.Tensor] = []
         self._count = 0
+        self._fit_train_dataset: Optional[Dataset] = None
 
     @property
     def probes(self) -> Optional[ProbeSet]:
@@ -91,6 +92,10 @@ class NeighborGallery(Callback):
 
     def _due(self, trainer: "pl.Trainer") -> bool:
         return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # kept so that a later trainer.validate() can still show neighbour images
+        self._fit_train_dataset = getattr(trainer.train_dataloader, "dataset", None)
 
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._emb, self._labels, self._ids, self._count = [], [], [], 0
@@ -167,9 +172,12 @@ class NeighborGallery(Callback):
     ) -> dict[str, float]:
         from lightning_lens.render import image_grid, to_rgb_uint8
 
-        dataset = self.train_dataset or getattr(trainer.train_dataloader, "dataset", None)
+        dataset = self.train_dataset or self._fit_train_dataset
         if dataset is None:
-            raise ValueError("NeighborGallery needs the training images: pass train_dataset=")
+            raise ValueError(
+                "NeighborGallery shows training images beside each probe but has no training dataset here "
+                "(trainer.validate() without a fit in this process): pass NeighborGallery(train_dataset=...)"
+            )
         x = probes.inputs.to(pl_module.device)
         with preserve_modes(pl_module, mode=False):
             emb = embed(pl_module, x)

@@ -93,7 +93,7 @@ class KNNHead(nn.Module):
             out-of-distribution inputs better; the paper used 75).
 
     Example:
-        >>> head = KNNHead(embedding_dim=4, num_classes=2, k=2, memory_size=4)
+        >>> head = KNNHead(embedding_dim=4, num_classes=2, k=2, memory_size=4).eval()
         >>> head.write(torch.eye(4), torch.tensor([0, 0, 1, 1]), torch.arange(4))
         >>> head(torch.tensor([[1.0, 0.1, 0.0, 0.0]])).argmax(1).tolist()
         [0]
