@@ -49,7 +49,10 @@ class ProbeCollector:
         if self.probes is None and not trainer.sanity_checking:
             probes = None
             if self._batches:
-                probes = ProbeSet.from_batches(self._batches, self.num, self.accessor, seed=self.seed)
+                # under trainer.validate() this runs in inference mode; tensors made outside it are normal tensors,
+                # which later autograd passes and in-place ops accept
+                with torch.inference_mode(False):
+                    probes = ProbeSet.from_batches(self._batches, self.num, self.accessor, seed=self.seed)
             if trainer.world_size > 1:
                 probes = trainer.strategy.broadcast(probes, src=0)
             self.probes = probes

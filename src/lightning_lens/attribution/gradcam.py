@@ -1,0 +1,197 @@
+"""Grad-CAM (Selvaraju et al., 2017) and Guided Grad-CAM."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lens.attribution.base import Attribution, Target, check_inputs, forward_logits, target_scores
+from lightning_lens.attribution.guided import rule_gradients
+from lightning_lens.utils import grad_ready, preserve_modes, resolve_module, resolve_target
+
+Layer = Union[nn.Module, str, None]
+_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def last_spatial_layer(model: nn.Module, inputs: torch.Tensor) -> tuple[str, nn.Module]:
+    """The last submodule (in the order forwards finish) whose output is a 4-D tensor, found by one forward pass.
+
+    The pass runs without grad in eval mode; hooks are removed and modes restored even if it raises.
+    """
+    finished: list[tuple[str, nn.Module]] = []
+    handles = []
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                finished.append((name, module))
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if module is not model:
+                handles.append(module.register_forward_hook(make_hook(name)))
+        with preserve_modes(model, mode=False), torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not finished:
+        raise ValueError(
+            "layer=None looks for the last module with a 4-D (batch, channels, height, width) output, but no"
+            " submodule of the model produced one; pass layer=<module or dotted name> explicitly"
+        )
+    return finished[-1]
+
+
+class GradCAM(Attribution):
+    """Grad-CAM: ``ReLU(sum_k alpha_k A^k)`` with ``alpha_k`` the spatial mean of ``dS_c/dA^k`` at a layer.
+
+    Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization", ICCV 2017.
+    Returns ``(B, 1, H, W)``: upsampled to the input's spatial size (bilinear, ``align_corners=False``), or at the
+    layer's resolution with ``upsample=False``. Values keep their raw scale (no per-image normalisation).
+
+    Args:
+        model: the classifier.
+        layer: the layer whose output ``A`` is used: a module, a dotted name (``"features.7"``), or ``None`` for the
+            last module whose output is 4-D, found with one forward pass on the first call (and kept in
+            :attr:`layer_name`). The layer must run exactly once per forward.
+        upsample: return maps at the input resolution (default) rather than the layer's.
+        relu: apply the paper's final ReLU (default ``True``; ``False`` keeps negative evidence, as Captum's default).
+        eval_mode: see :class:`~lightning_lens.attribution.base.Attribution`.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                             torch.nn.Linear(72, 3))
+        >>> GradCAM(model).attribute(torch.randn(2, 1, 8, 8), target=0).shape
+        torch.Size([2, 1, 8, 8])
+    """
+
+    name = "gradcam"
+    produces_map = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: Layer = None,
+        upsample: bool = True,
+        relu: bool = True,
+        *,
+        eval_mode: bool = True,
+    ) -> None:
+        super().__init__(model, eval_mode=eval_mode)
+        self.layer: Optional[nn.Module] = None if layer is None else resolve_module(model, layer, "layer")
+        self.layer_name: Optional[str] = None
+        if self.layer is not None:
+            self.layer_name = next(n for n, m in model.named_modules() if m is self.layer)
+        self.upsample = bool(upsample)
+        self.relu = bool(relu)
+
+    def _resolve_layer(self, inputs: torch.Tensor) -> nn.Module:
+        if self.layer is None:
+            self.layer_name, self.layer = last_spatial_layer(self.model, inputs)
+        return self.layer
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: Target = None,
+        *,
+        abs: bool = False,
+        upsample: Optional[bool] = None,
+    ) -> torch.Tensor:
+        """Grad-CAM maps ``(B, 1, H, W)`` (or the layer's spatial size with ``upsample=False``).
+
+        Args:
+            inputs: a floating-point batch ``(B, C, H, W)``.
+            target: an int, ``B`` class indices, or ``None`` for the predicted classes.
+            abs: absolute values (only changes anything with ``relu=False``).
+            upsample: override the constructor's ``upsample`` for this call.
+        """
+        inputs = check_inputs(inputs)
+        with self.explaining():
+            cam, _ = self.cam(inputs, target, self.upsample if upsample is None else upsample)
+        return cam.abs() if abs else cam
+
+    def cam(self, inputs: torch.Tensor, target: Target, upsample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(maps, resolved_target)``; call inside :meth:`explaining`."""
+        layer = self._resolve_layer(inputs)
+        captured: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"layer {self.layer_name!r} returns {type(output).__name__}, not a tensor; pick a layer whose"
+                    " output is one (batch, channels, *spatial) tensor"
+                )
+            captured.append(output)
+            # downstream layers get a copy, so an in-place op after the layer cannot alter the captured activation
+            return output.clone()
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            # the input requires grad so the activation is in the graph even when the layers before it are frozen
+            logits = forward_logits(self.model, grad_ready(inputs).clone())
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise ValueError(
+                f"layer {self.layer_name!r} ran {len(captured)} times in one forward pass; Grad-CAM needs a layer"
+                " that runs exactly once"
+            )
+        activation = captured[0]
+        if activation.dim() < 3:
+            raise ValueError(
+                f"layer {self.layer_name!r} outputs shape {tuple(activation.shape)}; Grad-CAM needs a"
+                " (batch, channels, *spatial) activation, e.g. the last convolutional block"
+            )
+        if not activation.requires_grad:
+            raise RuntimeError(f"the output of layer {self.layer_name!r} does not depend on the input through autograd")
+        resolved = resolve_target(target, logits)
+        (grads,) = torch.autograd.grad(target_scores(logits, resolved).sum(), activation, allow_unused=True)
+        if grads is None:
+            grads = torch.zeros_like(activation)
+        activation = activation.detach()
+        spatial_dims = tuple(range(2, activation.dim()))
+        alpha = grads.mean(dim=spatial_dims, keepdim=True)
+        cam = (alpha * activation).sum(dim=1, keepdim=True)
+        if self.relu:
+            cam = cam.clamp(min=0)
+        if upsample:
+            size = inputs.shape[2:]
+            if len(size) != len(spatial_dims):
+                raise ValueError(
+                    f"cannot upsample a map of spatial shape {tuple(cam.shape[2:])} to inputs of shape"
+                    f" {tuple(inputs.shape)}; pass upsample=False"
+                )
+            cam = F.interpolate(cam, size=tuple(size), mode=_INTERPOLATION[len(size)], align_corners=False)
+        return cam, resolved
+
+
+class GuidedGradCAM(Attribution):
+    """Guided Grad-CAM: Guided Backprop times the upsampled Grad-CAM map, broadcast over channels.
+
+    Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization", ICCV 2017.
+    Output has the input's shape. Arguments as :class:`GradCAM` (the map is always upsampled).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                             torch.nn.Linear(72, 3))
+        >>> GuidedGradCAM(model).attribute(torch.randn(2, 1, 8, 8), target=0).shape
+        torch.Size([2, 1, 8, 8])
+    """
+
+    name = "guided_gradcam"
+
+    def __init__(self, model: nn.Module, layer: Layer = None, relu: bool = True, *, eval_mode: bool = True) -> None:
+        super().__init__(model, eval_mode=eval_mode)
+        self.gradcam = GradCAM(model, layer=layer, upsample=True, relu=relu, eval_mode=eval_mode)
+
+    def _attribute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
+        cam, resolved = self.gradcam.cam(inputs, target, upsample=True)
+        guided, _ = rule_gradients(self.model, inputs, resolved, "guided")
+        return guided * cam

@@ -1,0 +1,230 @@
+"""Integrated Gradients (Sundararajan, Taly and Yan, 2017)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union, overload
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_lens.attribution._batching import blocks, check_batch_size, resolve_batch_size
+from lightning_lens.attribution.base import (
+    Attribution,
+    Target,
+    check_inputs,
+    forward_logits,
+    input_gradients,
+    target_scores,
+)
+from lightning_lens.utils import resolve_target
+
+Rule = Literal["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
+RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+Baseline = Union[float, torch.Tensor, None]
+
+
+def integration_points(n_steps: int, method: str) -> tuple[list[float], list[float]]:
+    """Points ``alpha`` in [0, 1] and weights of the rule approximating the integral over [0, 1] with ``n_steps``.
+
+    Example:
+        >>> integration_points(2, "riemann_trapezoid")
+        ([0.0, 1.0], [0.5, 0.5])
+    """
+    if method not in RULES:
+        raise ValueError(f"method must be one of {RULES}, got {method!r}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n_steps)
+        return ((nodes + 1) / 2).tolist(), (weights / 2).tolist()
+    if method == "riemann_trapezoid":
+        if n_steps < 2:
+            raise ValueError("n_steps must be >= 2 for method='riemann_trapezoid' (it evaluates both end points)")
+        alphas = np.linspace(0.0, 1.0, n_steps)
+        weights = np.full(n_steps, 1.0 / (n_steps - 1))
+        weights[[0, -1]] /= 2
+        return alphas.tolist(), weights.tolist()
+    offset = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[method]
+    return ((np.arange(n_steps) + offset) / n_steps).tolist(), [1.0 / n_steps] * n_steps
+
+
+class IntegratedGradients(Attribution):
+    """Integrated Gradients: ``(x - x') * integral_0^1 dS_c/dx(x' + a (x - x')) da``.
+
+    Sundararajan, Taly and Yan, "Axiomatic Attribution for Deep Networks", ICML 2017. The path integral is
+    approximated by ``n_steps`` gradient evaluations with the chosen rule; the attributions of an example sum to
+    ``S_c(x) - S_c(x')`` up to that approximation (completeness), which :meth:`convergence_delta` measures.
+    The target class is resolved once, on the actual input.
+
+    Args:
+        model: the classifier.
+        n_steps: gradient evaluations along the path (default 50).
+        method: the integration rule: ``"gausslegendre"`` (default, as Captum; exact for polynomials of degree
+            ``< 2 n_steps``), ``"riemann_trapezoid"``, ``"riemann_left"``, ``"riemann_right"`` or ``"riemann_middle"``.
+        baseline: ``x'``: ``None`` or a float for a constant baseline (default 0), or a tensor broadcastable to the
+            inputs (one example's shape or the whole batch's).
+        batch_size: most rows per forward pass; ``None`` picks whole steps of the batch within a budget of ``2**22``
+            input elements per pass. Results do not depend on it beyond float rounding.
+        eval_mode: see :class:`~lightning_lens.attribution.base.Attribution`.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> x = torch.randn(4, 3)
+        >>> attr, delta = IntegratedGradients(model).attribute(x, target=0, return_convergence_delta=True)
+        >>> torch.allclose(attr, x * model.weight[0], atol=1e-6), bool(delta.abs().max() < 1e-5)
+        (True, True)
+    """
+
+    name = "integrated_gradients"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_steps: int = 50,
+        method: Rule = "gausslegendre",
+        baseline: Baseline = None,
+        batch_size: Optional[int] = None,
+        *,
+        eval_mode: bool = True,
+    ) -> None:
+        super().__init__(model, eval_mode=eval_mode)
+        integration_points(n_steps, method)  # validates both
+        self.n_steps = n_steps
+        self.method = method
+        self.baseline = self._check_baseline_type(baseline)
+        self.batch_size = check_batch_size(batch_size)
+
+    @staticmethod
+    def _check_baseline_type(baseline: Baseline) -> Baseline:
+        if isinstance(baseline, bool) or (baseline is not None and not isinstance(baseline, (int, float, torch.Tensor))):
+            raise TypeError(f"baseline must be None, a float or a tensor, got {type(baseline).__name__}")
+        return baseline
+
+    @staticmethod
+    def _baseline_for(baseline: Baseline, x: torch.Tensor) -> torch.Tensor:
+        """The baseline as a tensor of ``x``'s shape."""
+        if baseline is None:
+            return torch.zeros_like(x)
+        if not isinstance(baseline, torch.Tensor):
+            return torch.full_like(x, float(baseline))
+        if not baseline.is_floating_point():
+            raise TypeError(f"baseline must be a floating-point tensor, got dtype {baseline.dtype}")
+        try:
+            return torch.broadcast_to(baseline.detach().to(device=x.device, dtype=x.dtype), x.shape).clone()
+        except RuntimeError:
+            raise ValueError(
+                f"baseline of shape {tuple(baseline.shape)} does not broadcast to the inputs' shape {tuple(x.shape)};"
+                " pass one example's shape or the batch's shape"
+            ) from None
+
+    @overload
+    def attribute(self, inputs: torch.Tensor, target: Target = ..., *, abs: bool = ...,
+                  baseline: Baseline = ..., n_steps: Optional[int] = ..., method: Optional[Rule] = ...,
+                  batch_size: Optional[int] = ..., return_convergence_delta: Literal[False] = ...) -> torch.Tensor: ...
+
+    @overload
+    def attribute(self, inputs: torch.Tensor, target: Target = ..., *, abs: bool = ...,
+                  baseline: Baseline = ..., n_steps: Optional[int] = ..., method: Optional[Rule] = ...,
+                  batch_size: Optional[int] = ..., return_convergence_delta: Literal[True]
+                  ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: Target = None,
+        *,
+        abs: bool = False,
+        baseline: Baseline = None,
+        n_steps: Optional[int] = None,
+        method: Optional[Rule] = None,
+        batch_size: Optional[int] = None,
+        return_convergence_delta: bool = False,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Integrated-Gradients attributions shaped like ``inputs``; keyword options override the constructor's.
+
+        Args:
+            inputs: a floating-point batch ``(B, ...)``.
+            target: an int, ``B`` class indices, or ``None`` for the classes predicted on ``inputs``.
+            abs: return absolute values (then completeness no longer holds, so no delta can be returned).
+            baseline, n_steps, method, batch_size: as in the constructor.
+            return_convergence_delta: also return, per example, ``sum(attributions) - (S_c(x) - S_c(x'))``.
+        """
+        inputs = check_inputs(inputs)
+        if abs and return_convergence_delta:
+            raise ValueError("return_convergence_delta=True needs signed attributions: drop abs=True")
+        steps = self.n_steps if n_steps is None else n_steps
+        rule = self.method if method is None else method
+        alphas, weights = integration_points(steps, rule)
+        base = self.baseline if baseline is None else self._check_baseline_type(baseline)
+        rows = check_batch_size(batch_size) if batch_size is not None else self.batch_size
+        with self.explaining():
+            x = inputs.detach()
+            ref = self._baseline_for(base, x)
+            with torch.no_grad():
+                logits = forward_logits(self.model, x.clone())
+                resolved = resolve_target(target, logits)
+            attr = self._integrate(x, ref, resolved, alphas, weights, rows)
+            if return_convergence_delta:
+                with torch.no_grad():
+                    delta = self._delta(attr, target_scores(logits, resolved), ref, resolved)
+        if abs:
+            return attr.abs()
+        return (attr, delta) if return_convergence_delta else attr
+
+    def _integrate(
+        self,
+        x: torch.Tensor,
+        ref: torch.Tensor,
+        target: torch.Tensor,
+        alphas: list[float],
+        weights: list[float],
+        batch_size: Optional[int],
+    ) -> torch.Tensor:
+        batch, shape = x.shape[0], x.shape[1:]
+        diff = x - ref
+        total = torch.zeros_like(x)
+        rows = resolve_batch_size(batch_size, batch, x[0].numel())
+        for blk in blocks(len(alphas), batch, rows):
+            k = blk.s1 - blk.s0
+            a = torch.tensor(alphas[blk.s0 : blk.s1], dtype=x.dtype, device=x.device).view(k, 1, *([1] * len(shape)))
+            w = torch.tensor(weights[blk.s0 : blk.s1], dtype=x.dtype, device=x.device).view_as(a)
+            path = (ref[blk.b0 : blk.b1] + a * diff[blk.b0 : blk.b1]).reshape(k * (blk.b1 - blk.b0), *shape)
+            grads, _, _ = input_gradients(self.model, path, target[blk.b0 : blk.b1].repeat(k), owned=True)
+            total[blk.b0 : blk.b1] += (grads.view(k, blk.b1 - blk.b0, *shape) * w).sum(dim=0)
+        return diff * total
+
+    def _delta(
+        self, attr: torch.Tensor, input_scores: torch.Tensor, ref: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        ref_scores = target_scores(forward_logits(self.model, ref), target)
+        return attr.reshape(attr.shape[0], -1).sum(dim=1) - (input_scores - ref_scores)
+
+    def convergence_delta(
+        self,
+        attributions: torch.Tensor,
+        inputs: torch.Tensor,
+        target: Target = None,
+        baseline: Baseline = None,
+    ) -> torch.Tensor:
+        """Completeness error per example: ``sum(attributions) - (S_c(inputs) - S_c(baseline))``, shape ``(B,)``.
+
+        Args:
+            attributions: signed attributions of ``inputs`` (from :meth:`attribute`).
+            inputs: the explained batch.
+            target: the target used for the attributions (``None`` = predicted classes).
+            baseline: the baseline used (default: the constructor's).
+        """
+        inputs = check_inputs(inputs)
+        if not isinstance(attributions, torch.Tensor) or attributions.shape != inputs.shape:
+            raise ValueError(
+                f"attributions must be a tensor of the inputs' shape {tuple(inputs.shape)}, got"
+                f" {tuple(attributions.shape) if isinstance(attributions, torch.Tensor) else type(attributions)}"
+            )
+        base = self.baseline if baseline is None else self._check_baseline_type(baseline)
+        with self.explaining(), torch.no_grad():
+            x = inputs.detach().clone()
+            logits = forward_logits(self.model, x)
+            resolved = resolve_target(target, logits)
+            return self._delta(attributions.detach().to(x), target_scores(logits, resolved),
+                               self._baseline_for(base, x), resolved)

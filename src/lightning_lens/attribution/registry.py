@@ -1,0 +1,103 @@
+"""Attribution methods by name, so callbacks and configuration files can say ``"smoothgrad"``."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from lightning_lens.attribution.base import Attribution
+from lightning_lens.attribution.controls import EdgeDetector, RandomMap
+from lightning_lens.attribution.gradcam import GradCAM, GuidedGradCAM
+from lightning_lens.attribution.gradient import Gradient, GradientXInput
+from lightning_lens.attribution.guided import Deconvnet, GuidedBackprop
+from lightning_lens.attribution.integrated_gradients import IntegratedGradients
+from lightning_lens.attribution.occlusion import Occlusion
+from lightning_lens.attribution.smoothgrad import SmoothGrad, VarGrad
+
+Factory = Callable[..., Attribution]
+
+_REGISTRY: dict[str, Factory] = {
+    "gradient": Gradient,
+    "gradient_x_input": GradientXInput,
+    "smoothgrad": SmoothGrad,
+    "smoothgrad_squared": functools.partial(SmoothGrad, variant="squared"),
+    "vargrad": VarGrad,
+    "integrated_gradients": IntegratedGradients,
+    "guided_backprop": GuidedBackprop,
+    "deconvnet": Deconvnet,
+    "gradcam": GradCAM,
+    "guided_gradcam": GuidedGradCAM,
+    "occlusion": Occlusion,
+    "edge": EdgeDetector,
+    "random": RandomMap,
+}
+#: other spellings users reach for (Captum's class names, abbreviations); they map to the names above.
+_ALIASES = {
+    "saliency": "gradient",
+    "input_x_gradient": "gradient_x_input",
+    "gradient_times_input": "gradient_x_input",
+    "smoothgrad_sq": "smoothgrad_squared",
+    "ig": "integrated_gradients",
+    "guided_backpropagation": "guided_backprop",
+    "deconvolution": "deconvnet",
+    "grad_cam": "gradcam",
+    "guided_grad_cam": "guided_gradcam",
+    "edge_detector": "edge",
+    "sobel": "edge",
+    "random_map": "random",
+}
+
+
+def _canonical(name: str) -> str:
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    return _ALIASES.get(key, key)
+
+
+def available_methods() -> list[str]:
+    """The registered method names (aliases such as ``"saliency"`` or ``"ig"`` are accepted too).
+
+    Example:
+        >>> "smoothgrad" in available_methods()
+        True
+    """
+    return list(_REGISTRY)
+
+
+def get_method(name: str, model: Optional[nn.Module], **kwargs: Any) -> Attribution:
+    """Build the method registered as ``name`` for ``model``; ``kwargs`` go to its constructor.
+
+    Example:
+        >>> import torch
+        >>> get_method("integrated_gradients", torch.nn.Linear(3, 2), n_steps=16).n_steps
+        16
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a method name (str), got {type(name).__name__}")
+    key = _canonical(name)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown attribution method {name!r}; available: {', '.join(available_methods())}")
+    try:
+        return _REGISTRY[key](model, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"get_method({name!r}, ...): {err}") from err
+
+
+def register_method(name: str, factory: Factory, *, overwrite: bool = False) -> None:
+    """Register ``factory(model, **kwargs) -> Attribution`` (usually a class) under ``name``.
+
+    Example:
+        >>> import torch
+        >>> register_method("my_gradient", Gradient, overwrite=True)
+        >>> type(get_method("my_gradient", torch.nn.Linear(2, 2))).__name__
+        'Gradient'
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable as factory(model, **kwargs), got {type(factory).__name__}")
+    key = _canonical(name)
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(f"an attribution method is already registered as {key!r}; pass overwrite=True to replace it")
+    _REGISTRY[key] = factory

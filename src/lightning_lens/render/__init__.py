@@ -1,0 +1,38 @@
+"""Rendering for humans: attribution heatmaps and overlays, labelled image grids, line and matrix plots.
+
+Everything returns uint8 (H, W, 3) numpy arrays or ``matplotlib.figure.Figure`` objects built through the object
+API with an Agg canvas: no pyplot global state, never ``plt.show``, safe in training processes and DDP workers.
+
+Colour conventions: signed maps on a diverging colormap centred at 0 (``RdBu_r``: blue negative, red positive),
+absolute maps on a sequential one (``inferno``); channels aggregated by ``reduce`` (``"sum"`` by default), the scale
+is the 99th percentile of ``|a|``, NaN/inf are drawn as 0.
+"""
+
+from lightning_lens.render.figures import figure_to_array, new_figure, plot_curves, plot_heatmap_matrix
+from lightning_lens.render.grid import image_grid
+from lightning_lens.render.heatmap import (
+    DIVERGING_CMAP,
+    SEQUENTIAL_CMAP,
+    colorize,
+    heatmap,
+    normalize_attribution,
+    overlay,
+    reduce_channels,
+    to_rgb_uint8,
+)
+
+__all__ = [
+    "DIVERGING_CMAP",
+    "SEQUENTIAL_CMAP",
+    "colorize",
+    "figure_to_array",
+    "heatmap",
+    "image_grid",
+    "new_figure",
+    "normalize_attribution",
+    "overlay",
+    "plot_curves",
+    "plot_heatmap_matrix",
+    "reduce_channels",
+    "to_rgb_uint8",
+]

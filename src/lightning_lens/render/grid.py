@@ -1,0 +1,253 @@
+"""Labelled image grids as uint8 arrays (rows and columns named), text rasterized by matplotlib's FreeType fonts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from matplotlib.font_manager import FontProperties, findfont, get_font
+
+from lightning_lens.render.heatmap import to_rgb_uint8
+
+__all__ = ["image_grid"]
+
+Cell = Union[np.ndarray, torch.Tensor, None]
+
+_DEFAULT_CELL = 96
+_PAD = 4
+_BACKGROUND = 255
+_TEXT_COLOR = (0, 0, 0)
+
+
+def _as_cell(cell: Cell, where: str) -> Optional[np.ndarray]:
+    if cell is None:
+        return None
+    if isinstance(cell, np.ndarray) and cell.dtype == np.uint8:
+        arr = cell
+        if arr.ndim == 3 and arr.shape[-1] == 4:
+            arr = arr[..., :3]
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise ValueError(f"cells{where} must be uint8 (H, W), (H, W, 3|4) or a float (C, H, W), got {arr.shape}")
+        return arr
+    if isinstance(cell, np.ndarray) and cell.ndim == 3 and cell.shape[-1] in (3, 4) and cell.shape[0] not in (1, 3):
+        cell = np.ascontiguousarray(cell[..., :3].transpose(2, 0, 1))  # float HWC -> CHW
+    try:
+        return to_rgb_uint8(cell, scale="clip")  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ValueError(f"cells{where}: {err}") from err
+
+
+def _resize_nearest(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize: keeps tiny images' pixels crisp when upscaled by integer-ish factors."""
+    h, w = img.shape[:2]
+    if (h, w) == (height, width):
+        return img
+    rows = np.minimum((np.arange(height) + 0.5) * h / height, h - 1).astype(np.int64)
+    cols = np.minimum((np.arange(width) + 0.5) * w / width, w - 1).astype(np.int64)
+    return img[rows[:, None], cols[None, :]]
+
+
+class _TextMeasurer:
+    """Measures, wraps and rasterizes strings with matplotlib's FreeType font objects (72 dpi: 1 point = 1 pixel).
+
+    This is the glyph path the Agg backend itself uses, without building and drawing a ``Figure`` per grid.
+    """
+
+    def __init__(self, fontsize: float) -> None:
+        self.prop = FontProperties(size=fontsize)
+        self.fontsize = float(fontsize)
+        self.font = get_font(findfont(self.prop))
+        self.font.set_size(self.fontsize, 72)
+        self.ascent = int(np.ceil(self.fontsize * self.font.ascender / self.font.units_per_EM))
+        self.line_height = int(np.ceil(self.fontsize * 1.25))
+        self._advance: dict[str, float] = {}
+
+    def width(self, text: str) -> float:
+        """Sum of glyph advances (kerning ignored: at most a pixel or two wider than drawn)."""
+        total = 0.0
+        for ch in text:
+            if ch not in self._advance:
+                try:
+                    self._advance[ch] = self.font.load_char(ord(ch)).linearHoriAdvance / 65536.0
+                except (RuntimeError, ValueError):
+                    self._advance[ch] = 0.6 * self.fontsize
+            total += self._advance[ch]
+        return total
+
+    def render(self, text: str) -> tuple[np.ndarray, int]:
+        """(coverage uint8 (h, w), descent in pixels) of one line."""
+        self.font.set_size(self.fontsize, 72)
+        self.font.set_text(text, 0.0)
+        self.font.draw_glyphs_to_bitmap(antialiased=True)
+        return np.asarray(self.font.get_image()), int(round(self.font.get_descent() / 64.0))
+
+    def wrap(self, text: str, max_width: float, max_lines: int = 3) -> list[str]:
+        """Split ``text`` into lines no wider than ``max_width``: at spaces, ``_``, ``/``, ``.``, ``-``, or anywhere."""
+        lines: list[str] = []
+        for paragraph in str(text).split("\n"):
+            current = ""
+            for token in _tokens(paragraph):
+                candidate = current + token
+                if self.width(candidate.rstrip()) <= max_width or not current:
+                    current = candidate
+                else:
+                    lines.append(current.rstrip())
+                    current = token.lstrip()
+                while self.width(current) > max_width and len(current) > 1:  # hard break a long token
+                    cut = len(current) - 1
+                    while cut > 1 and self.width(current[:cut]) > max_width:
+                        cut -= 1
+                    lines.append(current[:cut])
+                    current = current[cut:]
+            lines.append(current.rstrip())
+        if len(lines) > max_lines:
+            lines = lines[:max_lines]
+            last = lines[-1]
+            while last and self.width(last + "…") > max_width:
+                last = last[:-1]
+            lines[-1] = last + "…"
+        return lines
+
+
+def _tokens(text: str) -> list[str]:
+    out, current = [], ""
+    for ch in text:
+        current += ch
+        if ch in " _/.-":
+            out.append(current)
+            current = ""
+    if current:
+        out.append(current)
+    return out
+
+
+def image_grid(
+    cells: Sequence[Sequence[Cell]],
+    row_labels: Optional[Sequence[str]] = None,
+    col_labels: Optional[Sequence[str]] = None,
+    cell_size: Optional[int] = None,
+    title: Optional[str] = None,
+    fontsize: Optional[float] = None,
+    pad: int = _PAD,
+) -> np.ndarray:
+    """Assemble images into one labelled uint8 (H, W, 3) grid (white background, black text).
+
+    Every cell is resized (nearest neighbour, aspect ratio kept) to ``cell_size`` pixels high, so 32x32 inputs and
+    8x8 CAMs line up and stay crisp. Rows may have different lengths and cells may be None (left blank). Labels
+    longer than a cell are wrapped (at most 3 lines, then an ellipsis).
+
+    Args:
+        cells: rows of images: uint8 (H, W, 3) / (H, W) arrays, or float (C, H, W) tensors in [0, 1].
+        row_labels: one label per row, drawn left of the row.
+        col_labels: one label per column, drawn above the column.
+        cell_size: cell height in pixels; default: 96, or the tallest cell if taller.
+        title: optional line of text above everything.
+        fontsize: label size in pixels; default scales with ``cell_size`` (12 px at 96).
+        pad: pixels between cells.
+
+    Example:
+        >>> grid = image_grid([[np.zeros((32, 32, 3), np.uint8)] * 2], row_labels=["probe 0"], col_labels=["a", "b"])
+        >>> grid.dtype, grid.shape[2]
+        (dtype('uint8'), 3)
+    """
+    if isinstance(cells, (np.ndarray, torch.Tensor)) or not isinstance(cells, Sequence) or not cells:
+        raise ValueError("cells must be a non-empty list of rows (lists of images)")
+    rows: list[list[Optional[np.ndarray]]] = []
+    for r, row in enumerate(cells):
+        if isinstance(row, (np.ndarray, torch.Tensor)) or not isinstance(row, Sequence):
+            raise ValueError(f"cells[{r}] must be a list of images (cells is a list of rows), got {type(row).__name__}")
+        rows.append([_as_cell(cell, f"[{r}][{c}]") for c, cell in enumerate(row)])
+    n_rows = len(rows)
+    n_cols = max((len(row) for row in rows), default=0)
+    if n_cols == 0:
+        raise ValueError("cells has no images: every row is empty")
+    if row_labels is not None and len(row_labels) != n_rows:
+        raise ValueError(f"row_labels has {len(row_labels)} entries for {n_rows} rows")
+    if col_labels is not None and len(col_labels) != n_cols:
+        raise ValueError(f"col_labels has {len(col_labels)} entries for {n_cols} columns")
+    present = [cell for row in rows for cell in row if cell is not None]
+    if cell_size is None:
+        cell_size = max([_DEFAULT_CELL] + [cell.shape[0] for cell in present])
+    if isinstance(cell_size, bool) or not isinstance(cell_size, int) or cell_size < 4:
+        raise ValueError(f"cell_size must be an int >= 4 (pixels), got {cell_size!r}")
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"pad must be an int >= 0, got {pad!r}")
+
+    def fit(cell: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        if cell is None:
+            return None
+        return _resize_nearest(cell, cell_size, max(1, round(cell.shape[1] * cell_size / cell.shape[0])))
+
+    resized = [[fit(cell) for cell in row] for row in rows]
+    col_widths = [cell_size] * n_cols
+    for row in resized:
+        for c, cell in enumerate(row):
+            if cell is not None:
+                col_widths[c] = max(col_widths[c], cell.shape[1])
+
+    fontsize = float(fontsize) if fontsize is not None else max(9.0, cell_size / 8.0)
+    text = _TextMeasurer(fontsize)
+    col_lines = [text.wrap(str(lbl), col_widths[c]) for c, lbl in enumerate(col_labels)] if col_labels else []
+    row_width_cap = max(2 * cell_size, 120)
+    row_lines = [text.wrap(str(lbl), row_width_cap) for lbl in row_labels] if row_labels else []
+    title_lines = text.wrap(title, 10**9) if title else []
+
+    left = int(np.ceil(max((text.width(line) for lines in row_lines for line in lines), default=0.0)))
+    left = left + 2 * pad if row_lines else 0
+    header = (max(len(lines) for lines in col_lines) * text.line_height + pad) if col_lines else 0
+    title_h = len(title_lines) * text.line_height + pad if title_lines else 0
+    grid_w = sum(col_widths) + pad * (n_cols + 1)
+    width = left + grid_w
+    if title_lines:
+        width = max(width, int(np.ceil(max(text.width(line) for line in title_lines))) + 2 * pad)
+    height = title_h + header + n_rows * cell_size + pad * (n_rows + 1)
+
+    out = np.full((height, width, 3), _BACKGROUND, dtype=np.uint8)
+    col_x = [left + pad + sum(col_widths[:c]) + pad * c for c in range(n_cols)]
+    row_y = [title_h + header + pad + r * (cell_size + pad) for r in range(n_rows)]
+    for r, row in enumerate(resized):
+        for c, cell in enumerate(row):
+            if cell is None:
+                continue
+            x0 = col_x[c] + (col_widths[c] - cell.shape[1]) // 2
+            out[row_y[r] : row_y[r] + cell.shape[0], x0 : x0 + cell.shape[1]] = cell
+
+    # (x, y_top, lines, horizontal alignment) in pixel coordinates from the top-left corner
+    texts: list[tuple[float, float, list[str], str]] = []
+    if title_lines:
+        texts.append((width / 2.0, pad / 2.0, title_lines, "center"))
+    for c, lines in enumerate(col_lines):
+        block = len(lines) * text.line_height
+        texts.append((col_x[c] + col_widths[c] / 2.0, title_h + header - pad - block, lines, "center"))
+    for r, lines in enumerate(row_lines):
+        block = len(lines) * text.line_height
+        texts.append((pad, row_y[r] + (cell_size - block) / 2.0, lines, "left"))
+    if texts:
+        _draw_text(out, texts, text)
+    return out
+
+
+def _draw_text(out: np.ndarray, texts: list[tuple[float, float, list[str], str]], measurer: _TextMeasurer) -> None:
+    """Rasterize every line and alpha-composite it (black on the grid) at its place, clipped to the canvas."""
+    height, width = out.shape[:2]
+    color = np.array(_TEXT_COLOR, dtype=np.float64)
+    for x, y_top, lines, ha in texts:
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            coverage, descent = measurer.render(line)
+            h, w = coverage.shape
+            baseline = int(round(y_top + i * measurer.line_height)) + measurer.ascent
+            top = baseline + descent - h + 1
+            left = int(round(x - w / 2.0)) if ha == "center" else int(round(x))
+            y0, x0 = max(top, 0), max(left, 0)
+            y1, x1 = min(top + h, height), min(left + w, width)
+            if y1 <= y0 or x1 <= x0:
+                continue
+            alpha = coverage[y0 - top : y1 - top, x0 - left : x1 - left, None].astype(np.float64) / 255.0
+            region = out[y0:y1, x0:x1].astype(np.float64)
+            out[y0:y1, x0:x1] = np.round(region * (1.0 - alpha) + color * alpha).astype(np.uint8)

@@ -1,0 +1,237 @@
+"""Shared plumbing of the sanity tests: the private model copy, binding methods to it, running them, targets."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, TypeVar, Union
+
+import torch
+from torch import nn
+
+from lightning_lens.attribution import get_method
+from lightning_lens.attribution.base import check_inputs, forward_logits
+from lightning_lens.sanity.similarity import MapSimilarity, PreparedMaps
+from lightning_lens.utils import preserve_modes
+
+ExplainFn = Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+#: a registry name, ``(name, kwargs)``, an attribution object (``.attribute(inputs, target=...)``) bound to the model
+#: or one of its submodules, or a function ``explain(model, inputs, target) -> Tensor``.
+MethodSpec = Union[str, tuple, Any, ExplainFn]
+Methods = Union[MethodSpec, Sequence[MethodSpec], Mapping[str, MethodSpec]]
+
+
+@dataclass
+class BoundMethod:
+    """A method bound to the private copy of the model."""
+
+    name: str
+    method: Any  # attribution object, or None for a plain function
+    fn: Optional[ExplainFn]
+    model: nn.Module
+
+    @property
+    def stochastic(self) -> bool:
+        return self.method is not None and hasattr(self.method, "seed")
+
+    def explain(self, inputs: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.method is not None:
+            out = self.method.attribute(inputs, target=target)
+        else:
+            assert self.fn is not None
+            out = self.fn(self.model, inputs, target)
+        if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != inputs.shape[0]:
+            raise TypeError(
+                f"method {self.name!r} must return a tensor of attributions of shape (batch, ...) with batch"
+                f" {inputs.shape[0]}, got {getattr(out, 'shape', type(out).__name__)}"
+            )
+        return out.detach()
+
+    def rerun(self, inputs: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        """The same method with another seed (the ceiling of a stochastic method)."""
+        other = copy.copy(self.method)
+        seed = getattr(other, "seed", None)
+        other.seed = None if seed is None else int(seed) + 1  # None draws fresh noise on each call anyway
+        return BoundMethod(self.name, other, None, self.model).explain(inputs, target)
+
+
+def private_copy(model: nn.Module) -> tuple[nn.Module, dict[int, Any]]:
+    """A deep copy whose parameters need no grad, and a ``copy.deepcopy`` memo mapping the original's modules,
+    parameters and buffers to the copy's (to rebind method objects)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    try:
+        clone = copy.deepcopy(model)
+    except Exception as err:  # non-copyable attributes (open files, locks, some wrapped modules)
+        raise TypeError(
+            f"model: the randomization tests work on a deep copy of the model, and copy.deepcopy failed ({err});"
+            " pass a model without non-copyable attributes (e.g. the bare nn.Module rather than a wrapper)"
+        ) from err
+    memo = correspondence(model, clone)
+    for p in clone.parameters():
+        p.requires_grad_(False)  # the copy is only explained: no parameter gradients are ever needed
+        p.grad = None
+    return clone, memo
+
+
+def correspondence(source: nn.Module, copy_of_source: nn.Module) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo mapping ``source``'s modules, parameters and buffers to those of a deep copy of it."""
+    memo: dict[int, Any] = {id(source): copy_of_source}
+    pairs = [
+        (source.named_modules(remove_duplicate=False), copy_of_source.named_modules(remove_duplicate=False)),
+        (source.named_parameters(), copy_of_source.named_parameters()),
+        (source.named_buffers(), copy_of_source.named_buffers()),
+    ]
+    for left, right in pairs:
+        for (name_a, a), (name_b, b) in zip(left, right):
+            if name_a != name_b:
+                raise ValueError(f"the copy's structure differs from the model's ({name_a!r} vs {name_b!r})")
+            memo[id(a)] = b
+    return memo
+
+
+def _label(spec: Any) -> str:
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, tuple):
+        return str(spec[0])
+    name = getattr(spec, "name", None)
+    if isinstance(name, str):
+        return name
+    return getattr(spec, "__name__", type(spec).__name__)
+
+
+def _is_name_kwargs(spec: Any) -> bool:
+    return isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping)
+
+
+def normalize_methods(methods: Methods) -> list[tuple[str, Any]]:
+    """``[(label, spec)]`` from a single spec, a sequence or a ``{label: spec}`` mapping; labels must be unique."""
+    if isinstance(methods, Mapping):
+        items = [(str(k), v) for k, v in methods.items()]
+    elif isinstance(methods, str) or _is_name_kwargs(methods) or hasattr(methods, "attribute") or callable(methods):
+        items = [(_label(methods), methods)]
+    elif isinstance(methods, Sequence):
+        items = [(_label(m), m) for m in methods]
+    else:
+        raise TypeError(f"methods must be a method name, object or function, or a list/dict of them, got {methods!r}")
+    if not items:
+        raise ValueError("methods is empty; pass e.g. methods=['gradient', 'guided_backprop']")
+    labels = [k for k, _ in items]
+    dupes = sorted({k for k in labels if labels.count(k) > 1})
+    if dupes:
+        raise ValueError(f"methods: duplicate names {dupes}; pass a dict {{label: method}} to tell them apart")
+    return items
+
+
+def control_methods(inputs: torch.Tensor, exclude: Sequence[str] = ()) -> list[tuple[str, Any]]:
+    """The model-independent controls ``[("edge", EdgeDetector()), ("random", RandomMap(seed=None))]`` (the edge
+    map only for image batches), minus names in ``exclude``."""
+    from lightning_lens.attribution import EdgeDetector, RandomMap
+
+    out: list[tuple[str, Any]] = []
+    if inputs.dim() == 4 and "edge" not in exclude:
+        out.append(("edge", EdgeDetector()))
+    if "random" not in exclude:
+        out.append(("random", RandomMap(seed=None)))
+    return out
+
+
+def bind(label: str, spec: Any, model: nn.Module, clone: nn.Module, memo: dict[int, Any]) -> BoundMethod:
+    """Bind one method spec to ``clone`` (the copy of ``model``)."""
+    if isinstance(spec, str):
+        method = get_method(spec, clone)
+        return BoundMethod(label, method, None, clone)
+    if isinstance(spec, tuple):
+        if len(spec) != 2 or not isinstance(spec[0], str) or not isinstance(spec[1], Mapping):
+            raise TypeError(f"methods: a tuple must be (name, kwargs), e.g. ('smoothgrad', {{'n_samples': 20}}), got {spec!r}")
+        return BoundMethod(label, get_method(spec[0], clone, **dict(spec[1])), None, clone)
+    if hasattr(spec, "attribute"):
+        bound_to = getattr(spec, "model", None)
+        if bound_to is not None and id(bound_to) not in memo:
+            raise ValueError(
+                f"methods: {label!r} is bound to a model that is neither the given model nor one of its submodules;"
+                " build it on the model you check, or pass its name"
+            )
+        # deepcopy with the memo maps every reference to the model (or its submodules, e.g. a Grad-CAM layer) to
+        # the copy's counterpart and copies the rest of the method's state
+        return BoundMethod(label, copy.deepcopy(spec, dict(memo)), None, clone)
+    if callable(spec):
+        return BoundMethod(label, None, spec, clone)
+    raise TypeError(f"methods: cannot use {spec!r} as an attribution method (name, object or function expected)")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def outside_inference_mode(fn: F) -> F:
+    """Run ``fn`` with inference mode off: the model copy is created, re-initialized in place and differentiated,
+    none of which inference tensors allow (``trainer.validate()`` runs callbacks under ``torch.inference_mode``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def check_batch(inputs: Any, model: nn.Module) -> torch.Tensor:
+    """Validated inputs, detached, on the model's device, as normal (not inference) tensors."""
+    x = check_inputs(inputs)
+    param = next(model.parameters(), None)
+    if param is not None and x.device != param.device:
+        x = x.to(param.device)
+    return x.clone() if x.is_inference() else x.detach()
+
+
+def predict(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` logits in eval mode without grad; modes restored."""
+    with preserve_modes(model, mode=False), torch.no_grad():
+        return forward_logits(model, inputs)
+
+
+def median(t: torch.Tensor) -> float:
+    """Median of the finite entries (``nan`` if none)."""
+    t = t.detach().float().cpu()
+    return float(t.nanmedian()) if torch.isfinite(t).any() else math.nan
+
+
+@dataclass
+class Reference:
+    """A method's maps on the unmodified model, prepared for comparisons, with the floor and ceiling controls.
+
+    ``floor``: median similarity of the maps of example ``i`` and example ``i - 1`` (different inputs, same model);
+    ``nan`` with a single example. ``ceiling``: 1 for a deterministic method; for one with a ``seed`` attribute, the
+    median similarity with a re-run under another seed.
+    """
+
+    method: BoundMethod
+    metrics: tuple[str, ...]
+    prepared: PreparedMaps
+    floor: dict[str, float]
+    ceiling: dict[str, float]
+
+    @classmethod
+    def compute(cls, method: BoundMethod, inputs: torch.Tensor, target: Optional[torch.Tensor],
+                similarity: MapSimilarity) -> "Reference":
+        maps = method.explain(inputs, target)
+        metrics = similarity.applicable(maps.shape)
+        prepared = similarity.prepare(maps, metrics)
+        if inputs.shape[0] > 1:
+            floor = {k: median(v) for k, v in similarity.compare(prepared, prepared.roll(1), metrics).items()}
+        else:
+            floor = {k: math.nan for k in metrics}
+        ceiling = {k: 1.0 for k in metrics}
+        if method.stochastic:
+            rerun = similarity.prepare(method.rerun(inputs, target), metrics)
+            ceiling = {k: median(v) for k, v in similarity.compare(prepared, rerun, metrics).items()}
+        return cls(method, tuple(metrics), prepared, floor, ceiling)
+
+    def compare(self, maps: torch.Tensor, similarity: MapSimilarity) -> tuple[dict[str, torch.Tensor], PreparedMaps]:
+        """``({metric: (B,)}, prepared maps)`` of other maps of the same inputs against these."""
+        prepared = similarity.prepare(maps, self.metrics)
+        return similarity.compare(self.prepared, prepared, self.metrics), prepared

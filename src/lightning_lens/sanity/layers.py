@@ -1,0 +1,249 @@
+"""The layers a randomization test walks through, and their re-initialization.
+
+**Layers.** By default a layer is a module that owns parameters directly, and layers are ordered by *execution*:
+one forward pass (no grad, eval mode) records the order in which modules start running
+(:func:`lightning_lens.utils.modules_in_execution_order`), so a model whose modules are registered in another order
+than they run is still randomized from the output side down. Two refinements make every parameter belong to one
+layer:
+
+* a module that owns parameters but never runs as a module (``nn.MultiheadAttention``'s ``out_proj``, whose weight
+  the attention forward uses functionally) joins the layer of its nearest ancestor that runs;
+* parameters owned directly by the root model (a ViT's ``pos_embed`` or ``cls_token``) form a layer named
+  ``"<root>"`` placed first (input side), since they are typically used on the input.
+
+Modules under the root that never run contribute nothing to the output and are skipped (reported by name).
+
+Users can instead name blocks (``layers=["features", "classifier"]``, as the paper used Inception's blocks); a
+block's layer holds every parameter below it. Blocks must not overlap; they are ordered by execution as well.
+
+**Re-initialization** (:func:`reinitialize_`) re-draws every parameter of a layer from its initializer:
+
+* modules with ``reset_parameters()`` (every torch layer) call it; ``nn.MultiheadAttention``'s private
+  ``_reset_parameters()`` re-draws its in-projection (``in_proj_weight`` or ``q/k/v_proj_weight``), ``in_proj_bias``,
+  ``bias_k``/``bias_v``; children are reset before their parents, as in ``__init__``;
+* normalization layers follow the ``batchnorm`` policy: ``"keep"`` (Adebayo et al.'s code) re-draws only the affine
+  parameters (weight 1, bias 0, torch's initializer) and keeps the trained running statistics; ``"reset"`` (Quantus)
+  also resets running mean/variance to 0/1 and the batch counter;
+* a parameter that no reset touched (detected by its version counter: a bare ``nn.Parameter`` of a custom module,
+  a ``reset_parameters`` that forgets one) is re-drawn from ``N(0, rms^2)``, ``rms`` being the root mean square of
+  its trained values (0.02, timm's embedding scale, when those are all zero): the scale is kept, the learned
+  structure is not. Pass ``init_fn`` to use another rule.
+
+All randomness comes from a private ``torch.Generator``. Since ``reset_parameters`` draws from torch's global RNG,
+each call runs inside ``torch.random.fork_rng`` seeded from the private generator: the caller's global RNG state is
+the same afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import torch
+from torch import nn
+
+from lightning_lens.utils import modules_in_execution_order, resolve_module
+
+__all__ = ["BatchNormPolicy", "InitFn", "Layer", "find_layers", "reinitialize_", "scale_matched_normal_"]
+
+BatchNormPolicy = Literal["keep", "reset"]
+#: ``init_fn(name, parameter, generator)`` re-draws ``parameter`` in place (under ``torch.no_grad()``).
+InitFn = Callable[[str, nn.Parameter, torch.Generator], None]
+ROOT = "<root>"
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class Layer:
+    """One unit of randomization.
+
+    Attributes:
+        name: the module's dotted name (``"<root>"`` for the root model's own parameters).
+        modules: ``(name, module)`` of every module whose parameters or statistics the layer re-initializes.
+        parameters: ``(name, parameter)`` of every parameter the layer re-draws (full dotted names).
+        fallback: names of the parameters the last :func:`reinitialize_` re-drew with the fallback rule.
+    """
+
+    name: str
+    modules: list[tuple[str, nn.Module]]
+    parameters: list[tuple[str, nn.Parameter]]
+    fallback: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"Layer({self.name!r}, {len(self.parameters)} parameters)"
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for _, p in self.parameters)
+
+    def state(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(tensor, saved copy) of every parameter and normalization buffer the layer can change."""
+        tensors = [p for _, p in self.parameters]
+        for _, m in self.modules:
+            if isinstance(m, _NORM_TYPES):
+                tensors.extend(b for b in m.buffers(recurse=False))
+        return [(t, t.detach().clone()) for t in tensors]
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def find_layers(
+    model: nn.Module,
+    inputs: Any,
+    layers: Optional[Sequence[Union[str, nn.Module]]] = None,
+) -> tuple[list[Layer], list[str]]:
+    """The model's layers from the input side to the output side, and the names of modules skipped (never run).
+
+    Args:
+        model: the model (usually the deep copy that will be randomized).
+        inputs: one input batch, or a tuple of positional inputs, for the discovery forward pass.
+        layers: names (or modules) of blocks to use instead of the parameter-owning modules.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+        >>> [l.name for l in find_layers(net, torch.zeros(1, 1, 4, 4))[0]]
+        ['0', '3']
+    """
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    order = modules_in_execution_order(model, *args)
+    rank = {id(m): i for i, (_, m) in enumerate(order)}
+    executed = {name for name, _ in order}
+    named = dict(model.named_modules())
+    if layers is not None:
+        return _named_blocks(model, layers, named, rank), []
+
+    anchors: dict[str, list[str]] = {}  # executed module name (or "" for the root) -> param-owning module names
+    skipped: list[str] = []
+    for name, module in model.named_modules():
+        if not _owns_parameters(module):
+            continue
+        anchor = name
+        while anchor and anchor not in executed:
+            anchor = _parent(anchor)
+        if anchor == "" and name != "":
+            skipped.append(name)  # nothing above it ran: it cannot affect the output
+            continue
+        anchors.setdefault(anchor, []).append(name)
+
+    result: list[Layer] = []
+    seen: set[int] = set()
+    for anchor in sorted(anchors, key=lambda a: -1 if a == "" else rank[id(named[a])]):
+        names = sorted(anchors[anchor], key=lambda n: -n.count("."))  # children before parents
+        params: list[tuple[str, nn.Parameter]] = []
+        for n in names:
+            for pname, p in named[n].named_parameters(recurse=False):
+                if id(p) in seen:
+                    warnings.warn(f"parameter {n + '.' + pname if n else pname} is shared with an earlier layer;"
+                                  " it is randomized with the layer that reaches it first", stacklevel=3)
+                    continue
+                seen.add(id(p))
+                params.append((f"{n}.{pname}" if n else pname, p))
+        result.append(Layer(anchor or ROOT, [(n, named[n]) for n in names], params))
+    return result, skipped
+
+
+def _named_blocks(
+    model: nn.Module, layers: Sequence[Union[str, nn.Module]], named: dict[str, nn.Module], rank: dict[int, int]
+) -> list[Layer]:
+    if isinstance(layers, (str, nn.Module)) or not len(layers):
+        raise ValueError("layers must be a non-empty list of module names or modules, e.g. ['features', 'classifier']")
+    name_of = {id(m): n for n, m in named.items()}
+    blocks: list[tuple[str, nn.Module]] = []
+    for entry in layers:
+        module = resolve_module(model, entry, argument="layers")
+        blocks.append((name_of[id(module)], module))
+    owner: dict[int, str] = {}
+    result = []
+    for bname, block in blocks:
+        modules = [(f"{bname}.{n}" if n and bname else (n or bname), m) for n, m in block.named_modules()]
+        params = [(f"{bname}.{n}" if bname else n, p) for n, p in block.named_parameters()]
+        if not params:
+            raise ValueError(f"layers: block {bname!r} has no parameters to randomize")
+        for _, p in params:
+            if id(p) in owner:
+                raise ValueError(f"layers: blocks {owner[id(p)]!r} and {bname!r} overlap; name disjoint blocks")
+            owner[id(p)] = bname
+        ran = [rank[id(m)] for _, m in modules if id(m) in rank]
+        if not ran:
+            raise ValueError(f"layers: block {bname!r} never runs in the model's forward; it cannot be randomized")
+        modules.sort(key=lambda nm: -nm[0].count("."))
+        result.append((min(ran), Layer(bname or ROOT, modules, params)))
+    result.sort(key=lambda t: t[0])
+    return [layer for _, layer in result]
+
+
+# ------------------------------------------------------------------------------------------------- re-initialization
+def scale_matched_normal_(name: str, param: nn.Parameter, generator: torch.Generator) -> None:
+    """Fallback init: ``N(0, rms^2)`` with ``rms`` the root mean square of the current values (0.02 if zero)."""
+    with torch.no_grad():
+        rms = float(param.detach().double().square().mean().sqrt()) if param.numel() else 0.0
+        std = rms if rms > 0 and math.isfinite(rms) else 0.02
+        noise = torch.randn(param.shape, generator=generator, dtype=torch.float32, device="cpu")
+        param.copy_((noise * std).to(param.dtype))
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device_indices: Sequence[int]) -> Iterator[None]:
+    """Run a block whose code draws from torch's global RNG with a fixed seed, restoring the global state after."""
+    with torch.random.fork_rng(devices=list(device_indices)):
+        torch.default_generator.manual_seed(seed)
+        for idx in device_indices:
+            torch.cuda.default_generators[idx].manual_seed(seed)
+        yield
+
+
+def _reset_module(module: nn.Module, batchnorm: str) -> None:
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        if batchnorm == "reset":
+            module.reset_parameters()  # running stats 0/1, counter 0, affine 1/0
+        elif module.affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        return
+    reset = getattr(module, "reset_parameters", None)
+    if not callable(reset):
+        reset = getattr(module, "_reset_parameters", None)  # nn.MultiheadAttention and some third-party layers
+    if callable(reset):
+        reset()
+
+
+def reinitialize_(
+    layer: Layer,
+    generator: torch.Generator,
+    batchnorm: BatchNormPolicy = "keep",
+    init_fn: Optional[InitFn] = None,
+) -> None:
+    """Re-draw every parameter of ``layer`` in place (see the module docstring); ``layer.fallback`` lists the
+    parameters no module's reset covered.
+
+    Args:
+        layer: from :func:`find_layers`.
+        generator: private CPU generator all randomness is drawn from.
+        batchnorm: ``"keep"`` running statistics or ``"reset"`` them.
+        init_fn: rule for parameters no reset method covers (default :func:`scale_matched_normal_`).
+    """
+    if batchnorm not in ("keep", "reset"):
+        raise ValueError(f"batchnorm must be 'keep' (trained running statistics) or 'reset', got {batchnorm!r}")
+    init_fn = init_fn or scale_matched_normal_
+    versions = {id(p): p._version for _, p in layer.parameters}
+    devices = sorted({p.device.index or 0 for _, p in layer.parameters if p.device.type == "cuda"})
+    with torch.no_grad():
+        for _, module in layer.modules:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            with _seeded_global_rng(seed, devices):
+                _reset_module(module, batchnorm)
+        layer.fallback = []
+        for name, p in layer.parameters:
+            if p._version == versions[id(p)]:
+                init_fn(name, p, generator)
+                layer.fallback.append(name)

@@ -1,0 +1,250 @@
+"""Model-parameter randomization tests (Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018).
+
+A saliency method that explains the *model* must produce different maps once the model's learned weights are
+replaced by random ones. :func:`cascading_randomization` re-initializes the layers one after another, from the output
+side down, keeping earlier layers randomized; :func:`independent_randomization` re-initializes one layer at a time.
+After every stage each method explains the same inputs again and its maps are compared with the original model's
+(:class:`~lightning_lens.sanity.similarity.MapSimilarity`). Verdicts are relative to controls measured in the same
+run (:class:`~lightning_lens.sanity.report.VerdictRule`).
+
+Guarantees: the given model is never modified (everything happens on one deep copy), the global RNG is untouched
+(a private generator; ``reset_parameters`` runs inside ``torch.random.fork_rng``), no parameter gradient is written.
+See :mod:`lightning_lens.sanity.layers` for what a layer is and how it is re-initialized.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Literal, Optional, Union
+
+import torch
+from torch import nn
+
+from lightning_lens.sanity._common import (
+    Methods,
+    Reference,
+    bind,
+    check_batch,
+    control_methods,
+    normalize_methods,
+    outside_inference_mode,
+    predict,
+    private_copy,
+)
+from lightning_lens.sanity.layers import BatchNormPolicy, InitFn, find_layers, reinitialize_
+from lightning_lens.sanity.report import (
+    MethodResult,
+    RandomizationReport,
+    VerdictRule,
+    stack_stage_similarities,
+)
+from lightning_lens.sanity.similarity import MapSimilarity, PreparedMaps
+from lightning_lens.utils import resolve_target
+from lightning_lens.utils.targets import Target
+
+__all__ = ["cascading_randomization", "independent_randomization", "RANDOMIZED_PREDICTION"]
+
+log = logging.getLogger(__name__)
+
+#: ``target=RANDOMIZED_PREDICTION`` explains, at every stage, the class the randomized model predicts (the paper's code)
+RANDOMIZED_PREDICTION = "randomized_prediction"
+Order = Literal["top_down", "bottom_up"]
+Progress = Callable[[int, int, str], None]
+LayerSpec = Optional[Sequence[Union[str, nn.Module]]]
+
+
+def cascading_randomization(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Union[Target, str] = None,
+    methods: Methods = ("gradient", "guided_backprop"),
+    *,
+    order: Order = "top_down",
+    layers: LayerSpec = None,
+    batchnorm: BatchNormPolicy = "keep",
+    similarity: Optional[MapSimilarity] = None,
+    rule: Optional[VerdictRule] = None,
+    seed: int = 0,
+    keep_maps: bool = True,
+    controls: bool = True,
+    init_fn: Optional[InitFn] = None,
+    progress: Optional[Progress] = None,
+) -> RandomizationReport:
+    """Randomize the model's layers cumulatively and measure how each method's maps change.
+
+    Stage ``s`` has the ``s`` layers closest to the output (``order="top_down"``, the paper) or to the input
+    (``"bottom_up"``, Hedström et al. 2023) re-initialized. Cost: ``S + 1`` explanations per method for ``S``
+    layers (plus one for the ceiling of a stochastic method), one deep copy and one forward pass to find the layers.
+
+    Args:
+        model: a classifier returning ``(batch, classes)`` logits. Never modified.
+        inputs: ``(B, ...)`` inputs to explain (moved to the model's device); ``B >= 2`` for the floor control.
+        target: the class to explain, fixed across stages: an int, ``B`` labels, or ``None`` (the original model's
+            prediction); or ``"randomized_prediction"`` to explain each stage's own predicted class.
+        methods: registry names (``"gradient"``, ``"guided_backprop"``, ``"edge"`` ...), ``(name, kwargs)``
+            tuples, attribution objects built on ``model`` (rebound to the copy), functions
+            ``explain(model, inputs, target) -> Tensor``, or a ``{label: method}`` dict.
+        order: ``"top_down"`` or ``"bottom_up"``.
+        layers: names of blocks to randomize instead of every parameter-owning module.
+        batchnorm: ``"keep"`` the trained running statistics (Adebayo et al.) or ``"reset"`` them (Quantus).
+        similarity: the metrics and normalization (default :class:`MapSimilarity()`).
+        rule: the verdict thresholds (default :class:`VerdictRule()`).
+        seed: seed of the private generator the re-initialization draws from.
+        keep_maps: keep the normalized maps of every stage in the report (for cascade grids).
+        controls: also run the model-independent controls as methods: ``"edge"`` (Sobel edge map, image inputs
+            only; its maps never change, so it must fail) and ``"random"`` (fresh noise on every call; re-runs differ
+            as much as anything, so it is inconclusive, never a pass). Skipped for names already in ``methods``.
+        init_fn: re-initialization of parameters no ``reset_parameters`` covers.
+        progress: called as ``progress(stage, num_stages, layer_name)`` after each stage.
+
+    Returns:
+        A :class:`RandomizationReport`; ``print(report.summary())`` for the verdicts and curves.
+
+    Example:
+        >>> from lightning_lens.testing import SmallCNN
+        >>> report = cascading_randomization(SmallCNN(), torch.rand(4, 1, 32, 32), None, ["gradient", "edge"])
+        >>> report.stages[0], report.verdicts["edge"].outcome
+        ('classifier.3', 'fails')
+    """
+    return _randomization_test("cascading", model, inputs, target, methods, order, layers, batchnorm, similarity,
+                               rule, seed, keep_maps, controls, init_fn, progress)
+
+
+def independent_randomization(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Union[Target, str] = None,
+    methods: Methods = ("gradient", "guided_backprop"),
+    *,
+    order: Order = "top_down",
+    layers: LayerSpec = None,
+    batchnorm: BatchNormPolicy = "keep",
+    similarity: Optional[MapSimilarity] = None,
+    rule: Optional[VerdictRule] = None,
+    seed: int = 0,
+    keep_maps: bool = True,
+    controls: bool = True,
+    init_fn: Optional[InitFn] = None,
+    progress: Optional[Progress] = None,
+) -> RandomizationReport:
+    """Randomize one layer at a time (the others keep their trained weights) and measure how the maps change.
+
+    Same arguments and report as :func:`cascading_randomization`; stage ``s`` has only layer ``s`` re-initialized
+    (restored from a saved copy of its tensors before the next stage).
+
+    Example:
+        >>> from lightning_lens.testing import SmallCNN
+        >>> report = independent_randomization(SmallCNN(), torch.rand(4, 1, 32, 32), methods="gradient")
+        >>> report.mode, report.num_stages
+        ('independent', 6)
+    """
+    return _randomization_test("independent", model, inputs, target, methods, order, layers, batchnorm, similarity,
+                               rule, seed, keep_maps, controls, init_fn, progress)
+
+
+def _check_options(order: str, batchnorm: str, seed: int, target: object) -> None:
+    if order not in ("top_down", "bottom_up"):
+        raise ValueError(f"order must be 'top_down' (the paper) or 'bottom_up', got {order!r}")
+    if batchnorm not in ("keep", "reset"):
+        raise ValueError(f"batchnorm must be 'keep' (trained running statistics) or 'reset', got {batchnorm!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if isinstance(target, str) and target != RANDOMIZED_PREDICTION:
+        raise ValueError(
+            f"target must be an int, a tensor of class indices, None (the original prediction) or"
+            f" {RANDOMIZED_PREDICTION!r}, got {target!r}"
+        )
+
+
+@outside_inference_mode
+def _randomization_test(
+    mode: str,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Union[Target, str],
+    methods: Methods,
+    order: str,
+    layers: LayerSpec,
+    batchnorm: str,
+    similarity: Optional[MapSimilarity],
+    rule: Optional[VerdictRule],
+    seed: int,
+    keep_maps: bool,
+    controls: bool,
+    init_fn: Optional[InitFn],
+    progress: Optional[Progress],
+) -> RandomizationReport:
+    _check_options(order, batchnorm, seed, target)
+    similarity = similarity or MapSimilarity()
+    rule = rule or VerdictRule()
+    specs = normalize_methods(methods)
+    clone, memo = private_copy(model)
+    x = check_batch(inputs, clone)
+    if controls:
+        specs += control_methods(x, exclude=[label for label, _ in specs])
+    found, skipped = find_layers(clone, x, layers)
+    if not found:
+        raise ValueError("model has no parameters to randomize (no module with parameters ran in its forward)")
+    sequence = list(reversed(found)) if order == "top_down" else found
+    bound = [bind(label, spec, model, clone, memo) for label, spec in specs]
+    generator = torch.Generator().manual_seed(seed)
+
+    randomized_target = isinstance(target, str)
+    logits = predict(clone, x)
+    fixed = None if randomized_target else resolve_target(target, logits)  # type: ignore[arg-type]
+    predictions = [logits.argmax(dim=1).cpu()]
+    targets = [(predictions[0] if randomized_target else fixed).cpu()]  # type: ignore[union-attr]
+    stage_target = predictions[0].to(x.device) if randomized_target else fixed
+
+    # stage 0: original maps, their normalized views, floor and ceiling controls
+    references = [Reference.compute(m, x, stage_target, similarity) for m in bound]
+    stages: list[list[dict[str, torch.Tensor]]] = [[] for _ in bound]
+    kept = [[_cpu_maps(r.prepared)] if keep_maps else [] for r in references]
+
+    fallback: list[str] = []
+    total = len(sequence)
+    for stage, layer in enumerate(sequence, start=1):
+        saved = layer.state() if mode == "independent" else None
+        reinitialize_(layer, generator, batchnorm=batchnorm, init_fn=init_fn)  # type: ignore[arg-type]
+        fallback.extend(n for n in layer.fallback if n not in fallback)
+        if randomized_target:
+            stage_target = predict(clone, x).argmax(dim=1)
+            predictions.append(stage_target.cpu())
+        targets.append(stage_target.cpu())  # type: ignore[union-attr]
+        for i, ref in enumerate(references):
+            scores, prepared = ref.compare(ref.method.explain(x, stage_target), similarity)
+            stages[i].append(scores)
+            if keep_maps:
+                kept[i].append(_cpu_maps(prepared))
+        if saved is not None:
+            with torch.no_grad():
+                for tensor, value in saved:
+                    tensor.copy_(value)
+        if progress is not None:
+            progress(stage, total, layer.name)
+        log.debug("randomization stage %d/%d (%s) done", stage, total, layer.name)
+
+    report = RandomizationReport(
+        mode=mode, order=order, stages=[layer.name for layer in sequence],
+        stage_parameters=[[n for n, _ in layer.parameters] for layer in sequence],
+        fallback_parameters=fallback, skipped_modules=skipped, batchnorm=batchnorm,
+        target_mode=RANDOMIZED_PREDICTION if randomized_target else "fixed",
+        targets=torch.stack(targets), predictions=torch.stack(predictions), seed=seed, rule=rule,
+    )
+    for i, ref in enumerate(references):
+        name = ref.method.name
+        sims = stack_stage_similarities(stages[i], ref.metrics)
+        verdict = rule.judge(name, sims, ref.floor, ref.ceiling)
+        report.results[name] = MethodResult(
+            name=name, metrics=ref.metrics, similarity=sims, floor=ref.floor, ceiling=ref.ceiling,
+            stochastic=ref.method.stochastic,
+            maps=torch.stack([a for a, _ in kept[i]]) if keep_maps else None,
+            signed_maps=torch.stack([s for _, s in kept[i]]) if keep_maps else None,
+            verdict=verdict,
+        )
+    return report
+
+
+def _cpu_maps(prepared: PreparedMaps) -> tuple[torch.Tensor, torch.Tensor]:
+    return prepared.absolute.float().cpu(), prepared.signed.float().cpu()

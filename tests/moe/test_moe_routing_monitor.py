@@ -1,0 +1,191 @@
+"""RoutingMonitor end to end: what it logs to TensorBoard, that it leaves training alone, ablation, collapse, errors."""
+
+import pytest
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from lightning_lens._pl import Callback, Trainer, pl
+from lightning_lens.callbacks import RoutingMonitor
+from lightning_lens.interpretable_models import MixtureOfExperts, moe_aux_loss
+from lightning_lens.testing import LitClassifier
+
+
+class LitMoE(LitClassifier):
+    """LitClassifier whose training loss includes the MoE auxiliary losses."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + moe_aux_loss(self)
+
+
+def _model(seed: int = 0, **moe_kwargs) -> LitClassifier:
+    torch.manual_seed(seed)
+    net = nn.Sequential(MixtureOfExperts(64, 32, num_experts=4, k=2, noise_seed=seed, **moe_kwargs), nn.ReLU(),
+                        nn.Linear(32, 10))
+    return LitMoE(net, num_classes=10, lr=1e-2)
+
+
+def _trainer(tmp_path, callbacks, max_epochs=2, logger=True):
+    tb = TensorBoardLogger(str(tmp_path), name="tb") if logger else False
+    return Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=tb, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                   limit_train_batches=6, callbacks=callbacks), tb
+
+
+def _events(logger) -> EventAccumulator:
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+class RoutingSpy(Callback):
+    """Checks the recording flag: off while training, on while validation batches run."""
+
+    def __init__(self) -> None:
+        self.train_records, self.val_flags = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        layer = pl_module.model[0]
+        self.train_records.append((layer.record_routing, layer.last_routing))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.val_flags.append(pl_module.model[0].record_routing)
+
+
+def test_monitor_logs_routing_metrics_figures_and_ablation_to_tensorboard(tmp_path, digits_loaders):
+    train, val = digits_loaders()
+    monitor = RoutingMonitor(ablation_every_n_epochs=2, class_names=[f"digit {d}" for d in range(10)])
+    spy = RoutingSpy()
+    model = _model()
+    trainer, logger = _trainer(tmp_path, [monitor, spy])
+    trainer.fit(model, train, val)
+
+    acc = _events(logger)
+    scalars, images = acc.Tags()["scalars"], acc.Tags()["images"]
+    prefix = "moe/model.0/"
+    for name in ("load_cv", "usage_entropy", "max_top1_share", "dead_experts", "drop_rate", "nmi", "mean_purity",
+                 "balance_loss", "z_loss", "load/expert_0", "ablation/acc_drop/expert_3"):
+        assert prefix + name in scalars, name
+    assert len(acc.Scalars(prefix + "nmi")) == 2  # one per validation epoch, none for the sanity check
+    assert len(acc.Scalars(prefix + "ablation/acc_drop/expert_0")) == 1  # epoch index 1 only (every 2 epochs)
+    stats = monitor.last_statistics["model.0"]
+    assert acc.Scalars(prefix + "nmi")[-1].value == pytest.approx(stats.nmi, rel=1e-5)
+    loads = [acc.Scalars(f"{prefix}load/expert_{e}")[-1].value for e in range(4)]
+    assert sum(loads) == pytest.approx(1.0, abs=1e-5)
+    assert stats.num_tokens == len(val.dataset)
+    assert int(stats.expert_class_counts.sum()) == len(val.dataset)
+    assert prefix + "expert_class_counts" in images and prefix + "ablation/acc_drop" in images
+    table = acc.Tensors(prefix + "ablation/summary/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "masked expert" in table and "digit" in table
+
+    ablation = monitor.last_ablation["model.0"]
+    assert ablation.drop.shape == (4, 10) and int(ablation.support.sum()) == min(512, len(val.dataset))
+    # masking experts the model relies on costs accuracy somewhere
+    assert ablation.overall_drop.max() > 0
+
+    # recording: off in every training step, on during validation, restored afterwards
+    assert spy.train_records and all(flag is False and rec is None for flag, rec in spy.train_records)
+    assert spy.val_flags and all(spy.val_flags)
+    layer = model.model[0]
+    assert layer.record_routing is False and not layer._forward_hooks and layer.masked_experts == frozenset()
+
+
+def test_monitor_does_not_change_training(tmp_path, digits_loaders):
+    params = []
+    for callbacks in ([], [RoutingMonitor(ablation_every_n_epochs=1)]):
+        pl.seed_everything(0)
+        train, val = digits_loaders()
+        model = _model()
+        trainer, _ = _trainer(tmp_path / str(len(callbacks)), callbacks, logger=False)
+        trainer.fit(model, train, val)
+        params.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*params))
+
+
+def test_validate_under_inference_mode_runs_ablation_and_restores_flag(tmp_path, digits_loaders):
+    _, val = digits_loaders(batch_size=128)
+    model = _model()
+    model.model[0].record_routing = True  # a user's own setting survives
+    monitor = RoutingMonitor(ablation_every_n_epochs=50, ablation_samples=200)
+    trainer, logger = _trainer(tmp_path, [monitor])
+    trainer.validate(model, val)
+    assert trainer.validate_loop.inference_mode
+    assert "model.0" in monitor.last_statistics and "model.0" in monitor.last_ablation
+    assert int(monitor.last_ablation["model.0"].support.sum()) == 200
+    assert model.model[0].record_routing is True
+
+
+def test_collapse_warning_and_capacity_drops(tmp_path, digits_loaders):
+    _, val = digits_loaders(batch_size=128)
+    model = _model(capacity_factor=1.0)
+    with torch.no_grad():  # digits are non-negative: every token goes to expert 2 first and expert 0 second
+        model.model[0].router.weight.zero_()
+        model.model[0].router.weight[2] = 1.0
+        model.model[0].router.weight[0] = 0.5
+    monitor = RoutingMonitor(collapse_threshold=0.9, ablation_every_n_epochs=None)
+    trainer, logger = _trainer(tmp_path, [monitor])
+    with pytest.warns(UserWarning, match=r"expert 2 is the top-1 expert of 100% of the validation tokens"):
+        trainer.validate(model, val)
+    stats = monitor.last_statistics["model.0"]
+    # a batch of n tokens has capacity ceil(1.0 * n * 2 / 4) = n / 2 per expert: experts 2 and 0 each keep half
+    assert stats.drop_rate == 0.5 and stats.dead_experts == 2 and stats.load.tolist() == [0.5, 0.0, 0.5, 0.0]
+    assert _events(logger).Scalars("moe/model.0/drop_rate")[-1].value == pytest.approx(stats.drop_rate, rel=1e-5)
+    assert monitor.last_ablation == {}
+
+
+class SequenceClassifier(pl.LightningModule):
+    """(B, T, D) tokens through an MoE, mean-pooled to class logits; one label per sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.moe = MixtureOfExperts(8, 8, num_experts=3, k=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.moe(x).mean(1))
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
+def test_sequence_tokens_inherit_the_sequence_label(tmp_path):
+    x = torch.randn(20, 5, 8)
+    y = (x[:, 0, 0] > 0).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    monitor = RoutingMonitor(ablation_every_n_epochs=1)
+    trainer, _ = _trainer(tmp_path, [monitor], logger=False)
+    trainer.validate(SequenceClassifier(), loader)
+    stats = monitor.last_statistics["moe"]
+    assert stats.num_tokens == 100 and stats.expert_class_counts.sum(0).tolist() == [5 * int((y == 0).sum()),
+                                                                                      5 * int((y == 1).sum())]
+    assert monitor.last_ablation["moe"].drop.shape == (3, 2)
+
+
+def test_dedupe_drops_tokens_of_repeated_samples():
+    rows = torch.tensor([[7, 0, 1, 2, 1], [7, 1, 1, 0, 1], [3, 0, 0, 1, 1], [7, 0, 1, 2, 1], [-1, 0, 1, 1, 1],
+                         [-1, 0, 1, 1, 1]])
+    out = RoutingMonitor._dedupe(rows)
+    assert out.shape[0] == 5 and (out[:, 0] == 7).sum() == 2 and (out[:, 0] == -1).sum() == 2
+
+
+def test_arguments_and_missing_layers_raise_clear_errors(tmp_path, digits_loaders):
+    with pytest.raises(ValueError, match="collapse_threshold must be a share in"):
+        RoutingMonitor(collapse_threshold=1.5)
+    with pytest.raises(ValueError, match="ablation_every_n_epochs must be an int"):
+        RoutingMonitor(ablation_every_n_epochs=-1)
+    with pytest.raises(ValueError, match="class_names has 3 names but num_classes=10"):
+        RoutingMonitor(num_classes=10, class_names=["a", "b", "c"])
+    with pytest.raises(TypeError, match="layers must be a sequence"):
+        RoutingMonitor(layers="model.0")
+    _, val = digits_loaders()
+    plain = LitClassifier(nn.Sequential(nn.Linear(64, 10)), num_classes=10)
+    trainer, _ = _trainer(tmp_path, [RoutingMonitor()], logger=False)
+    with pytest.raises(ValueError, match="found no MixtureOfExperts layer"):
+        trainer.validate(plain, val)
+    trainer, _ = _trainer(tmp_path, [RoutingMonitor(layers=["model.2"])], logger=False)
+    with pytest.raises(TypeError, match="'model.2', a Linear, not a MixtureOfExperts"):
+        trainer.validate(_model(), val)
