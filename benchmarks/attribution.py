@@ -2,10 +2,12 @@
 
 efficiency = n * t_grad / t_method, where t_grad is one forward + input-gradient backward of the whole batch and
 n is the number of such passes the method needs by definition (``n_samples`` for SmoothGrad, ``n_steps`` for IG,
-1 for single-pass methods). 1.0 means the method costs exactly n plain gradient passes; the multi-sample methods
-should reach >= 0.9 at their defaults (their expansion into large chunks must not add overhead). Occlusion runs
-forward passes only, so its n is the number of window positions and its "efficiency" is against fwd+bwd (> 1 is
-expected). Medians over a few repeats; the machine may be shared, so rerun when it is quiet.
+1 for single-pass methods, 2 for Guided Grad-CAM). 1.0 means the method costs exactly n plain gradient passes; the
+multi-sample methods should reach >= 0.9 at their defaults, i.e. expanding the batch into chunks of noisy copies or
+path points must not add overhead. Grad-CAM backpropagates only to its layer and Occlusion runs forward passes only
+(n = window positions), so both can exceed 1. The last rows time SmoothGrad with other chunk sizes (``batch_size``)
+to show why the default is what it is. Times are medians of a few repeats, each paired with a t_grad measurement
+taken right before it; the machine may be shared, so rerun when it is quiet.
 
 Run: ``python benchmarks/attribution.py [--repeats 5] [--batch 32] [--threads 1]``
 """
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from lightning_lens.attribution import get_method, input_gradients
+from lightning_lens.attribution._batching import resolve_batch_size
 from lightning_lens.attribution.base import Attribution
 
 
@@ -38,17 +41,20 @@ def small_cnn(in_channels: int, num_classes: int) -> nn.Module:
         )
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
+def paired_times(ref: Callable[[], object], fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median times of ``ref`` and ``fn``, measured in alternation so that load changes hit both alike."""
+    ref()
     fn()  # warm-up
-    times = []
+    t_ref, t_fn = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for f, out in ((ref, t_ref), (fn, t_fn)):
+            start = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - start)
+    return statistics.median(t_ref), statistics.median(t_fn)
 
 
-def reference_time(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+def gradient_pass(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """One forward + input-gradient backward of the batch, in eval mode, as the methods run it."""
     probe = get_method("gradient", model)
 
@@ -56,7 +62,7 @@ def reference_time(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
         with probe.explaining():
             input_gradients(model, x, 0)
 
-    return median_time(once, max(repeats, 5))
+    return once
 
 
 def passes(method: Attribution, x: torch.Tensor) -> int:
@@ -64,6 +70,8 @@ def passes(method: Attribution, x: torch.Tensor) -> int:
         return method.n_samples
     if hasattr(method, "n_steps"):
         return method.n_steps
+    if method.name == "guided_gradcam":  # a Grad-CAM pass and a guided-backprop pass
+        return 2
     if method.name == "occlusion":
         counts = method.geometry(x.shape[1:])[2]
         return int(torch.tensor(counts).prod())
@@ -80,20 +88,16 @@ METHODS = [
 
 def run(label: str, model: nn.Module, x: torch.Tensor, repeats: int) -> None:
     model.eval()
-    t_ref = reference_time(model, x, repeats)
-    print(f"\n{label}: batch {tuple(x.shape)}, one input-gradient pass t_grad = {t_ref * 1e3:.1f} ms")
-    print(f"{'method':<44} {'n':>4} {'time (ms)':>10} {'efficiency':>10}")
-    for name, kwargs in METHODS:
-        method = get_method(name, model, **kwargs)
-        t = median_time(lambda: method.attribute(x, target=0), repeats)
+    ref = gradient_pass(model, x)
+    print(f"\n{label}: batch {tuple(x.shape)}")
+    print(f"{'method':<36} {'n':>4} {'t_grad (ms)':>11} {'time (ms)':>10} {'efficiency':>10}")
+    rows = [(name + (f" ({', '.join(f'{k}={v}' for k, v in kw.items())})" if kw else ""), get_method(name, model, **kw))
+            for name, kw in METHODS]
+    rows += [(f"smoothgrad (batch_size={b})", get_method("smoothgrad", model, batch_size=b)) for b in (64, 160, 512, 1600)]
+    for shown, method in rows:
+        t_ref, t = paired_times(ref, lambda: method.attribute(x, target=0), repeats)
         n = passes(method, x)
-        shown = name + (f" {kwargs}" if kwargs else "")
-        print(f"{shown:<44} {n:>4} {t * 1e3:>10.1f} {n * t_ref / t:>10.2f}")
-    print("SmoothGrad (n=50) efficiency by batch_size (rows per forward):")
-    for rows in (32, 64, 128, 256, 512, None):
-        method = get_method("smoothgrad", model, batch_size=rows)
-        t = median_time(lambda: method.attribute(x, target=0), repeats)
-        print(f"  batch_size={str(rows) if rows else 'auto':<6} time {t * 1e3:8.1f} ms  efficiency {50 * t_ref / t:.2f}")
+        print(f"{shown:<36} {n:>4} {t_ref * 1e3:>11.1f} {t * 1e3:>10.1f} {n * t_ref / t:>10.2f}")
 
 
 def main() -> None:
@@ -107,7 +111,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)  # model initialisation only
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats (medians)")
+    for c in (3, 1):
+        print(f"default batch_size for {args.batch} x {c}x32x32: {resolve_batch_size(None, args.batch, c * 32 * 32)} rows")
     run("4-conv CNN, 3x32x32", small_cnn(3, 10), torch.rand(args.batch, 3, 32, 32, generator=gen), args.repeats)
     run("demo model (SmallCNN), 1x32x32", small_cnn(1, 10), torch.rand(args.batch, 1, 32, 32, generator=gen),
         args.repeats)

@@ -46,7 +46,7 @@ def _fit(digits, tmp_path, callbacks, make_model):
 
 
 @pytest.mark.parametrize(
-    ("make_model", "num_probes"), [(_demo_model, 8), (_model_with_batchnorm_and_dropout, 4)], ids=["demo", "bn_dropout"]
+    ("make_model", "num_probes"), [(_demo_model, 4), (_model_with_batchnorm_and_dropout, 2)], ids=["demo", "bn_dropout"]
 )
 def test_fits_with_and_without_the_callback_end_bit_identical(digits, tmp_path, make_model, num_probes):
     plain, rng_plain = _fit(digits, tmp_path / "plain", [], make_model)

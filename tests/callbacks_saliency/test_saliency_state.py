@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from pytorch_lightning import Trainer
@@ -131,3 +137,19 @@ def test_mask_regions_the_probes_lack_is_a_clear_error(loaders, trainer_kwargs):
                              mask_regions=["object"])
     with pytest.raises(ValueError, match=r"mask_regions=\('object',\) names \['object'\].*\['digit', 'square'\]"):
         Trainer(**trainer_kwargs(logger=False, callbacks=[cb])).validate(LitClassifier(), val)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_probes_and_only_rank_zero_logs(tmp_path, read_tensorboard):
+    script = Path(__file__).with_name("saliency_ddp_script.py")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["probe_indices"] == ranks[1]["probe_indices"]  # drawn on rank 0, broadcast
+    assert len(ranks[0]["probe_indices"]) == 6
+    assert ranks[0]["computed"] == ["gradcam", "gradient"] and ranks[1]["computed"] == []
+    ea = read_tensorboard(str(tmp_path / "tb"))  # exactly one event file: rank 0's
+    for name in ("gradient", "gradcam"):
+        assert [e.step for e in ea.Images(f"saliency/{name}")] == [2, 4]  # 64 digits / 16 per batch / 2 ranks

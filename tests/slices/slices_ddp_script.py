@@ -75,12 +75,18 @@ class PixelReader(LightningModule):
         self.forward_calls += 1
         return self.net(x)
 
+    @staticmethod
+    def _xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return (batch["image"], batch["label"]) if isinstance(batch, dict) else (batch[0], batch[1])
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return F.cross_entropy(self(batch["image"]), batch["label"])
+        x, y = self._xy(batch)
+        return F.cross_entropy(self(x), y)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Any:
-        logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"])
+        x, y = self._xy(batch)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
         self.log("val/loss", loss, sync_dist=True)
         return {"loss": loss, "logits": logits} if self.return_logits else loss
 

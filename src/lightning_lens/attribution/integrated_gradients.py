@@ -64,7 +64,7 @@ class IntegratedGradients(Attribution):
             ``< 2 n_steps``), ``"riemann_trapezoid"``, ``"riemann_left"``, ``"riemann_right"`` or ``"riemann_middle"``.
         baseline: ``x'``: ``None`` or a float for a constant baseline (default 0), or a tensor broadcastable to the
             inputs (one example's shape or the whole batch's).
-        batch_size: most rows per forward pass; ``None`` picks whole steps of the batch within a budget of ``2**22``
+        batch_size: most rows per forward pass; ``None`` picks whole steps of the batch within a budget of ``2**16``
             input elements per pass. Results do not depend on it beyond float rounding.
         eval_mode: see :class:`~lightning_lens.attribution.base.Attribution`.
 

@@ -201,8 +201,9 @@ class SubgroupErrorSlices(Callback):
         self.finder.load_state_dict(result["finder"])
         self.last_result = {k: v for k, v in result.items() if k not in ("tracked", "finder")}
         if result["worst_accuracy"] is not None:
+            # Every rank holds the broadcast value; syncing averages identical numbers (and keeps Lightning quiet).
             pl_module.log(f"{self.log_prefix}/worst_accuracy", float(result["worst_accuracy"]), on_epoch=True,
-                          sync_dist=False)
+                          sync_dist=trainer.world_size > 1)
         self._rows, self._reservoir = [], []
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:

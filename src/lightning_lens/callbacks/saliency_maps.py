@@ -62,7 +62,8 @@ class SaliencyMapCallback(Callback):
     respect to the inputs: training is never changed (no ``.backward()``, no parameter ``.grad``, modes and buffers
     restored, no global RNG), and it works under ``trainer.validate()`` with ``inference_mode=True``.
 
-    The LightningModule's ``forward`` must map the batch's input tensor to ``(batch, classes)`` logits. Rank zero
+    The probes come from the first validation dataloader. The LightningModule's ``forward`` must map the batch's input
+    tensor to ``(batch, classes)`` logits. Rank zero
     computes, renders and logs through :mod:`lightning_lens.loggers` (TensorBoard, W&B, CSV/files); the tags are
     listed in the module docstring.
 
@@ -221,6 +222,11 @@ class SaliencyMapCallback(Callback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._bind_methods(pl_module)
+        if not trainer.loggers:
+            rank_zero_warn(
+                "SaliencyMapCallback has no logger to write to (Trainer(logger=False)); the maps are still computed"
+                " and available as `.last_attributions`. Pass a logger, e.g. TensorBoardLogger('lens_logs')."
+            )
 
     @override
     def on_validation_batch_end(
@@ -311,51 +317,63 @@ class SaliencyMapCallback(Callback):
         skipped: list[str] = []
         with preserve_modes(pl_module, mode=False), gradients_enabled():
             inputs = _model_inputs(probes.inputs, pl_module)
-            with torch.no_grad():
-                logits = pl_module(inputs)
-            _check_logits(logits, inputs)
-            probs = logits.float().softmax(dim=1)
-            preds = probs.argmax(dim=1)
+            preds, probs = _predict(pl_module, inputs)
             targets = self._targets(probes, preds)
             masks = self._masks(probes, inputs.device)
             for name, method in self._method_order():
-                elapsed = time.perf_counter() - start
-                if self._out_of_time(elapsed, name, ran_any=bool(computed)):
+                if self._out_of_time(time.perf_counter() - start, name, ran_any=bool(computed)):
                     skipped.append(name)
                     continue
-                t0 = time.perf_counter()
-                attributions = _check_attributions(method.attribute(inputs, target=targets), inputs, name)
-                if self.quality_metrics:
-                    quality = self._quality(pl_module, method, inputs, attributions, targets, masks)
-                    scalars.update({f"quality/{name}/{k}": v for k, v in quality.items()})
-                seconds = time.perf_counter() - t0
-                self._last_seconds[name] = seconds
-                self._logged_round[name] = self._rounds
-                computed[name] = torch.nan_to_num(attributions.detach().float().cpu(), nan=0.0, posinf=0.0)
-                if self.log_scalars:
-                    scalars.update({f"saliency/{name}/{k}": v for k, v in _summaries(computed[name]).items()})
-                    scalars[f"saliency/{name}/seconds"] = seconds
+                computed[name], method_scalars = self._explain(name, method, pl_module, inputs, targets, masks)
+                scalars.update(method_scalars)
                 if self.layout == "per_method":
-                    image, caption = self._method_grid(name, probes, computed[name], preds.cpu(), probs.cpu())
+                    image, caption = self._method_grid(name, probes, computed[name], preds, probs)
                     loggers.log_image(trainer, f"saliency/{name}", image, step=step, caption=caption)
         computed = {name: computed[name] for name, _ in self._methods if name in computed}  # configured order
         if self.layout == "methods_x_probes" and computed:
-            image, caption = self._methods_x_probes_grid(computed, probes, preds.cpu(), probs.cpu())
+            image, caption = self._methods_x_probes_grid(computed, probes, preds, probs)
             loggers.log_image(trainer, "saliency/methods_x_probes", image, step=step, caption=caption)
         if self.time_budget is not None:
             scalars["saliency/skipped_methods"] = float(len(skipped))
-            if skipped:
-                rank_zero_warn(
-                    f"SaliencyMapCallback: time_budget={self.time_budget:g}s was spent after"
-                    f" {time.perf_counter() - start:.1f}s; skipped {len(skipped)} method(s) at step {step}: {skipped}."
-                    " They run first next time. Raise time_budget or make methods cheaper through method_kwargs"
-                    " (n_samples, n_steps)."
-                )
+            self._warn_skipped(skipped, time.perf_counter() - start, step)
         self._rounds += 1
         self._last_attributions = computed
-        self._last_targets = targets.cpu()
+        self._last_targets = targets
         if scalars:
             loggers.log_scalars(trainer, scalars, step=step)
+
+    def _explain(
+        self,
+        name: str,
+        method: Any,
+        pl_module: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        masks: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One method's maps of the probes (CPU, float, non-finite values zeroed) and its scalars."""
+        start = time.perf_counter()
+        attributions = _check_attributions(method.attribute(inputs, target=targets.to(inputs.device)), inputs, name)
+        scalars: dict[str, float] = {}
+        if self.quality_metrics:
+            quality = self._quality(pl_module, method, inputs, attributions, targets.to(inputs.device), masks)
+            scalars.update({f"quality/{name}/{k}": v for k, v in quality.items()})
+        seconds = time.perf_counter() - start
+        self._last_seconds[name] = seconds
+        self._logged_round[name] = self._rounds
+        maps = torch.nan_to_num(attributions.detach().float().cpu(), nan=0.0, posinf=0.0, neginf=0.0)
+        if self.log_scalars:
+            scalars.update({f"saliency/{name}/{k}": v for k, v in _summaries(maps).items()})
+            scalars[f"saliency/{name}/seconds"] = seconds
+        return maps, scalars
+
+    def _warn_skipped(self, skipped: list[str], elapsed: float, step: int) -> None:
+        if skipped:
+            rank_zero_warn(
+                f"SaliencyMapCallback: time_budget={self.time_budget:g}s was spent after {elapsed:.1f}s; skipped"
+                f" {len(skipped)} method(s) at step {step}: {skipped}. The methods that waited longest run first next"
+                " time. Raise time_budget or make methods cheaper through method_kwargs (n_samples, n_steps)."
+            )
 
     def _out_of_time(self, elapsed: float, name: str, ran_any: bool) -> bool:
         if self.time_budget is None or not ran_any:  # at least one method always runs
@@ -377,7 +395,7 @@ class SaliencyMapCallback(Callback):
                 f" {tuple(labels.shape)} and dtype {labels.dtype}; set target_key (a callable works) or use"
                 " target='prediction'"
             )
-        return labels.to(preds.device).long()
+        return labels.long()
 
     def _masks(self, probes: ProbeSet, device: torch.device) -> dict[str, torch.Tensor]:
         if not self.quality_metrics:
@@ -619,6 +637,15 @@ def _model_inputs(inputs: torch.Tensor, pl_module: nn.Module) -> torch.Tensor:
     return inputs.to(device=device, dtype=dtype).clone()
 
 
+def _predict(pl_module: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted classes, softmax probabilities) of the probes, on the CPU."""
+    with torch.no_grad():
+        logits = pl_module(inputs)
+    _check_logits(logits, inputs)
+    probs = logits.detach().float().softmax(dim=1).cpu()
+    return probs.argmax(dim=1), probs
+
+
 def _check_logits(logits: Any, inputs: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -643,7 +670,7 @@ def _check_attributions(attributions: Any, inputs: torch.Tensor, name: str) -> t
         )
     if not torch.isfinite(attributions).all():
         warnings.warn(
-            f"method {name!r} produced non-finite attributions; they are shown as 0 and excluded from summaries",
+            f"method {name!r} produced non-finite attributions; they are drawn and summarized as 0",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -95,7 +95,7 @@ class SevenSegmentDigits(Dataset):
     Args:
         split: ``"train"``, ``"val"`` or ``"test"``.
         seed: seed of the stratified split (the same seed always gives the same, disjoint splits).
-        fractions: train/val/test fractions of every class (default 0.6/0.2/0.2: 1,078/359/360 images).
+        fractions: train/val/test fractions of every class (default 0.6/0.2/0.2: 1,078/360/359 images).
         image_size: side of the returned images (8 = native; e.g. 32 for CNNs built for larger inputs).
 
     Attributes:

@@ -393,8 +393,9 @@ class ConceptBottleneckModel(nn.Module):
             return torch.zeros(self.num_concepts, device=device), torch.ones(self.num_concepts, device=device)
         if not torch.isnan(self.calibrated_values).any():
             return self.calibrated_values[0], self.calibrated_values[1]
-        n = int(self.logit_buffer_count.clamp(max=self.logit_buffer.shape[0]))
-        if n < 2:
+        size = self.logit_buffer.shape[0]
+        n = int(self.logit_buffer_count.clamp(max=size))
+        if n < min(20, size):  # fewer rows give meaningless 5th/95th percentiles
             raise RuntimeError(
                 "a logit bottleneck has no intervention values yet: train it first (it keeps percentiles of training "
                 "logits), call calibrate_intervention_values(train_loader), or pass intervention_values=(off, on)"

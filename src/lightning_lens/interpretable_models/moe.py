@@ -415,17 +415,20 @@ class MixtureOfExperts(nn.Module):
         order = expert_of.sort(stable=True).indices
         token_sorted, gate_sorted = token_of[order], gate_of[order]
         counts = torch.bincount(expert_of, minlength=self.num_experts).tolist()  # one host sync per call
+        # One gather and split() for all experts: their backward is one index_put_(accumulate=True) and one cat.
+        # (Per-expert index_select or slicing would backpropagate through E slow CPU index_add_ calls or E
+        # full-size zero buffers.)
+        inputs = tokens[token_sorted].split(counts)
+        gates = gate_sorted.split(counts)
+        rows = token_sorted.split(counts)
         out: Optional[torch.Tensor] = None
-        start = 0
         for e, count in enumerate(counts):
             if not count:
                 continue
-            rows = token_sorted[start:start + count]
-            y = self._run_expert(e, tokens.index_select(0, rows))
-            y = y * gate_sorted[start:start + count].unsqueeze(1).to(y.dtype)
+            y = self._run_expert(e, inputs[e])
+            y = y * gates[e].unsqueeze(1).to(y.dtype)
             out = y.new_zeros(n, self.out_features) if out is None else out
-            _index_add_rows(out, rows, y)
-            start += count
+            _index_add_rows(out, rows[e], y)
         return tokens.new_zeros(n, self.out_features) if out is None else out  # None: every assignment dropped
 
     def _dense(self, tokens: torch.Tensor, routing: _Routing) -> torch.Tensor:

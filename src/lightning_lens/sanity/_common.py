@@ -235,3 +235,20 @@ class Reference:
         """``({metric: (B,)}, prepared maps)`` of other maps of the same inputs against these."""
         prepared = similarity.prepare(maps, self.metrics)
         return similarity.compare(self.prepared, prepared, self.metrics), prepared
+
+
+def checked_logits(outputs: list, inputs: torch.Tensor) -> torch.Tensor:
+    """The logits the layer-discovery pass recorded (see :func:`~lightning_lens.sanity.layers.find_layers`)."""
+    if not outputs or not isinstance(outputs[0], torch.Tensor):
+        raise TypeError(
+            "the model must return a tensor of logits of shape (batch, classes), got"
+            f" {type(outputs[0]).__name__ if outputs else 'nothing'}; wrap the model so that its forward returns"
+            " one score per class"
+        )
+    logits = outputs[0]
+    if logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"the model must return logits of shape (batch, classes) = ({inputs.shape[0]}, C), got shape"
+            f" {tuple(logits.shape)}; wrap the model so that its forward returns one score per class"
+        )
+    return logits.detach()

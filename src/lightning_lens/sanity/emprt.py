@@ -25,6 +25,7 @@ from lightning_lens.sanity._common import (
     median,
     normalize_methods,
     outside_inference_mode,
+    checked_logits,
     predict,
     private_copy,
 )
@@ -163,9 +164,10 @@ def efficient_mprt(
     specs = normalize_methods(methods)
     clone, memo = private_copy(model)
     x = check_batch(inputs, clone)
-    found, _ = find_layers(clone, x, layers)
+    outputs: list = []
+    found, _ = find_layers(clone, x, layers, output=outputs)
     bound = [bind(label, spec, model, clone, memo) for label, spec in specs]
-    logits = predict(clone, x)
+    logits = checked_logits(outputs, x)
     fixed = resolve_target(target, logits)
     original = {m.name: histogram_entropy(m.explain(x, fixed), n_bins).cpu() for m in bound}
     generator = torch.Generator().manual_seed(seed)

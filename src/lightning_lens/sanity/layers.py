@@ -101,6 +101,7 @@ def find_layers(
     model: nn.Module,
     inputs: Any,
     layers: Optional[Sequence[Union[str, nn.Module]]] = None,
+    output: Optional[list] = None,
 ) -> tuple[list[Layer], list[str]]:
     """The model's layers from the input side to the output side, and the names of modules skipped (never run).
 
@@ -108,6 +109,7 @@ def find_layers(
         model: the model (usually the deep copy that will be randomized).
         inputs: one input batch, or a tuple of positional inputs, for the discovery forward pass.
         layers: names (or modules) of blocks to use instead of the parameter-owning modules.
+        output: a list to append the model's output of the discovery pass to (eval mode, no grad).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
@@ -115,7 +117,15 @@ def find_layers(
         ['0', '3']
     """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    order = modules_in_execution_order(model, *args)
+    outputs: list[Any] = []
+    # the same pass also records the model's output, so callers need no second forward for the predictions
+    handle = model.register_forward_hook(lambda module, inp, out: outputs.append(out) if not outputs else None)
+    try:
+        order = modules_in_execution_order(model, *args)
+    finally:
+        handle.remove()
+    if output is not None and outputs:
+        output.append(outputs[0])
     rank = {id(m): i for i, (_, m) in enumerate(order)}
     executed = {name for name, _ in order}
     named = dict(model.named_modules())

@@ -29,6 +29,7 @@ from lightning_lens.sanity._common import (
     control_methods,
     normalize_methods,
     outside_inference_mode,
+    checked_logits,
     predict,
     private_copy,
 )
@@ -183,7 +184,8 @@ def _randomization_test(
     x = check_batch(inputs, clone)
     if controls:
         specs += control_methods(x, exclude=[label for label, _ in specs])
-    found, skipped = find_layers(clone, x, layers)
+    outputs: list = []
+    found, skipped = find_layers(clone, x, layers, output=outputs)
     if not found:
         raise ValueError("model has no parameters to randomize (no module with parameters ran in its forward)")
     sequence = list(reversed(found)) if order == "top_down" else found
@@ -191,7 +193,7 @@ def _randomization_test(
     generator = torch.Generator().manual_seed(seed)
 
     randomized_target = isinstance(target, str)
-    logits = predict(clone, x)
+    logits = checked_logits(outputs, x)
     fixed = None if randomized_target else resolve_target(target, logits)  # type: ignore[arg-type]
     predictions = [logits.argmax(dim=1).cpu()]
     targets = [(predictions[0] if randomized_target else fixed).cpu()]  # type: ignore[union-attr]

@@ -90,30 +90,81 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).to(_work_dtype(x))
 
 
-def _percentile_sorted(values: torch.Tensor, q: float) -> torch.Tensor:
-    """Per-row ``q``-th percentile of row-sorted ``values`` (linear interpolation, as ``numpy.percentile``), (B, 1)."""
-    pos = (q / 100.0) * (values.shape[1] - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    frac = pos - lo
-    return (values[:, lo] * (1 - frac) + values[:, hi] * frac).unsqueeze(1)
+def _sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.sort(dim=1)`` (values, indices). On CPU numpy's introsort is used: torch's CPU sort of rows of a few
+    thousand elements is several times slower, and the sort dominates the cost of the rank metrics."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        arr = x.detach().contiguous().numpy()
+        order = np.argsort(arr, axis=1)
+        return torch.from_numpy(np.take_along_axis(arr, order, axis=1)), torch.from_numpy(order)
+    return x.sort(dim=1)
 
 
-def _safe_div(x: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``x / den`` per row, zeros where ``den`` is 0 (a constant map)."""
-    ok = den > 0
-    return torch.where(ok, x / den.where(ok, torch.ones_like(den)), torch.zeros_like(x))
+def _percentile_position(n: int, q: float) -> tuple[int, int, float]:
+    pos = (q / 100.0) * (n - 1)
+    return math.floor(pos), math.ceil(pos), pos - math.floor(pos)
 
 
-def _absolute_scaler(sorted_magnitude: torch.Tensor, clip_percentile: Optional[float]):
-    vmin = sorted_magnitude[:, :1]
-    vmax = sorted_magnitude[:, -1:] if clip_percentile is None else _percentile_sorted(sorted_magnitude,
-                                                                                       clip_percentile)
-    return lambda t: _safe_div(t - vmin, vmax - vmin).clamp(0, 1)
+def _percentile(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row ``q``-th percentile, linear interpolation (``numpy.percentile``'s default), shape ``(B, 1)``.
+
+    Two selections (``kthvalue``) instead of a sort; ``torch.quantile`` would sort and refuses inputs above 2**24.
+    """
+    lo, hi, frac = _percentile_position(flat.shape[1], q)
+    v_lo = flat.kthvalue(lo + 1, dim=1, keepdim=True).values
+    if hi == lo:
+        return v_lo
+    return v_lo + (flat.kthvalue(hi + 1, dim=1, keepdim=True).values - v_lo) * frac
 
 
-def _signed_scaler(sorted_abs: torch.Tensor, clip_percentile: Optional[float]):
-    span = sorted_abs[:, -1:] if clip_percentile is None else _percentile_sorted(sorted_abs, clip_percentile)
-    return lambda t: _safe_div(t, span).clamp(-1, 1)
+def _percentile_of_sorted(values: torch.Tensor, q: float) -> torch.Tensor:
+    lo, hi, frac = _percentile_position(values.shape[1], q)
+    return (values[:, lo] + (values[:, hi] - values[:, lo]) * frac).unsqueeze(1)
+
+
+def _abs_percentile_of_sorted(values: torch.Tensor, q: float) -> torch.Tensor:
+    """Percentile of ``|x|`` per row from the row-sorted ``x``: the largest magnitudes sit at the two ends."""
+    n = values.shape[1]
+    lo, _, _ = _percentile_position(n, q)
+    tail = n - lo  # the order statistics needed are among the ``tail`` largest magnitudes
+    if 2 * tail >= n:
+        return _percentile_of_sorted(values.abs().sort(dim=1).values, q)
+    ends = torch.cat([-values[:, :tail], values[:, n - tail:]], dim=1).sort(dim=1).values  # 2 * tail magnitudes
+    # in ascending |x| order the candidates occupy ranks n - 2 * tail ... n - 1 (the rest are smaller)
+    return _percentile_of_sorted(torch.cat([ends.new_zeros(ends.shape[0], n - 2 * tail), ends], dim=1), q)
+
+
+def _scale(x: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``x / den`` per row; a zero ``den`` (the percentile equals the minimum) sends every ``x > 0`` to +inf, which
+    the callers clip to 1: a map that is constant on 99 % of its pixels keeps its few outliers, a constant map is 0."""
+    return x / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+def _absolute_scaler(magnitude: torch.Tensor, clip_percentile: Optional[float],
+                     sorted_magnitude: Optional[torch.Tensor] = None):
+    """The monotone map ``|a| -> clip((|a| - min) / (p - min), 0, 1)`` of each row (``p``: the percentile)."""
+    if sorted_magnitude is not None:
+        vmin = sorted_magnitude[:, :1]
+        vmax = sorted_magnitude[:, -1:] if clip_percentile is None else _percentile_of_sorted(sorted_magnitude,
+                                                                                              clip_percentile)
+    else:
+        vmin = magnitude.amin(dim=1, keepdim=True)
+        vmax = magnitude.amax(dim=1, keepdim=True) if clip_percentile is None else _percentile(magnitude,
+                                                                                                clip_percentile)
+    return lambda t: _scale(t - vmin, vmax - vmin).clamp(0, 1)
+
+
+def _signed_scaler(signed: torch.Tensor, clip_percentile: Optional[float],
+                   sorted_signed: Optional[torch.Tensor] = None):
+    if clip_percentile is None:
+        span = signed.abs().amax(dim=1, keepdim=True)
+    elif sorted_signed is not None:
+        span = _abs_percentile_of_sorted(sorted_signed, clip_percentile)
+    else:
+        span = _percentile(signed.abs(), clip_percentile)
+    return lambda t: _scale(t, span).clamp(-1, 1)
 
 
 def normalize_absolute(maps: torch.Tensor, clip_percentile: Optional[float] = 99.0) -> torch.Tensor:
@@ -129,7 +180,7 @@ def normalize_absolute(maps: torch.Tensor, clip_percentile: Optional[float] = 99
     """
     agg = aggregate_channels(maps, signed=False)
     flat = _rows(agg)
-    return _absolute_scaler(flat.sort(dim=1).values, clip_percentile)(flat).view(agg.shape)
+    return _absolute_scaler(flat, clip_percentile)(flat).view(agg.shape)
 
 
 def normalize_signed(maps: torch.Tensor, clip_percentile: Optional[float] = 99.0) -> torch.Tensor:
@@ -141,15 +192,15 @@ def normalize_signed(maps: torch.Tensor, clip_percentile: Optional[float] = 99.0
     """
     agg = aggregate_channels(maps, signed=True)
     flat = _rows(agg)
-    return _signed_scaler(flat.abs().sort(dim=1).values, clip_percentile)(flat).view(agg.shape)
+    return _signed_scaler(flat, clip_percentile)(flat).view(agg.shape)
 
 
 # ----------------------------------------------------------------------------------------------------- correlations
 def _standardize(x: torch.Tensor) -> torch.Tensor:
-    """Rows centered and scaled to unit norm (so a Pearson correlation is a dot product); ``nan`` rows if constant."""
+    """Rows centered and scaled to unit norm (so a Pearson correlation is a dot product); ``nan`` rows if constant
+    (0 / 0)."""
     xc = x - x.mean(dim=1, keepdim=True)
-    norm = xc.square().sum(dim=1, keepdim=True).sqrt()
-    return torch.where(norm > 0, xc / norm.where(norm > 0, torch.ones_like(norm)), torch.full_like(xc, math.nan))
+    return xc / xc.square().sum(dim=1, keepdim=True).sqrt()
 
 
 def _correlate(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
@@ -170,22 +221,26 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _ranks_from_sorted(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Average ranks (1..N, ties share their mean rank) of the rows whose sorted values and sort order are given."""
+    """Average ranks (1..N, ties share their mean rank) of the rows whose sorted values and sort order are given.
+
+    A run of equal values spans sorted positions ``first..last``; its members all get ``(first + last) / 2 + 1``.
+    ``first`` is a running maximum of run starts, ``last`` a reversed running minimum of run ends.
+    """
     batch, n = values.shape
     starts = torch.ones_like(values, dtype=torch.bool)
     starts[:, 1:] = values[:, 1:] != values[:, :-1]
-    group = starts.cumsum(dim=1) - 1 + torch.arange(batch, device=values.device).unsqueeze(1) * n
-    positions = torch.arange(1, n + 1, device=values.device, dtype=values.dtype).expand(batch, n).reshape(-1)
-    flat_group = group.reshape(-1)
-    sums = torch.zeros(batch * n, device=values.device, dtype=values.dtype).index_add_(0, flat_group, positions)
-    counts = torch.zeros_like(sums).index_add_(0, flat_group, torch.ones_like(positions))
-    mean_rank = (sums / counts.clamp(min=1))[group]
-    return torch.empty_like(mean_rank).scatter_(1, order, mean_rank)
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    position = torch.arange(n, dtype=values.dtype, device=values.device).expand(batch, n)
+    first = torch.where(starts, position, torch.zeros_like(position)).cummax(dim=1).values
+    last = torch.where(ends, position, torch.full_like(position, n - 1)).flip(1).cummin(dim=1).values.flip(1)
+    mean_rank = (first + last) / 2 + 1
+    return torch.empty_like(mean_rank).scatter_(1, order.to(values.device), mean_rank)
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     """Per-row ranks of a ``(B, N)`` tensor, tied values sharing their average rank (scipy's ``rankdata``)."""
-    values, order = x.sort(dim=1)
+    values, order = _sort_rows(x)
     return _ranks_from_sorted(values, order)
 
 
@@ -332,11 +387,19 @@ def hog_features(
     g_row[:, 1:-1, :] = img[:, 2:, :] - img[:, :-2, :]
     g_col[:, :, 1:-1] = img[:, :, 2:] - img[:, :, :-2]
     magnitude = torch.hypot(g_col, g_row)[:, : rows * p, : cols * p]
-    orientation = torch.rad2deg(torch.atan2(g_row, g_col))[:, : rows * p, : cols * p] % 180.0
+    orientation = torch.rad2deg(torch.atan2(g_row, g_col))[:, : rows * p, : cols * p]
+    # x % 180 for x in [-180, 180] (cheaper than a float remainder)
+    orientation = torch.where(orientation < 0, orientation + 180.0, orientation)
+    orientation = torch.where(orientation >= 180.0, orientation - 180.0, orientation)
     bins = (orientation / (180.0 / orientations)).floor().long().clamp_(0, orientations - 1)
-    hist = torch.zeros(batch, rows * p, cols * p, orientations, dtype=img.dtype, device=img.device)
-    hist.scatter_(3, bins.unsqueeze(-1), magnitude.unsqueeze(-1))
-    cells = hist.view(batch, rows, p, cols, p, orientations).sum(dim=(2, 4)) / (p * p)  # (B, rows, cols, O)
+    # every pixel adds its magnitude to (its cell, its bin): one scatter-add into the small (B, cells x bins) array
+    cell_row = torch.arange(rows * p, device=img.device) // p
+    cell_col = torch.arange(cols * p, device=img.device) // p
+    cell = (cell_row.view(-1, 1) * cols + cell_col.view(1, -1)).view(1, rows * p, cols * p)
+    index = (cell * orientations + bins).reshape(batch, -1)
+    cells = torch.zeros(batch, rows * cols * orientations, dtype=img.dtype, device=img.device)
+    cells.scatter_add_(1, index, magnitude.reshape(batch, -1))
+    cells = cells.view(batch, rows, cols, orientations) / (p * p)
     blocks = cells.unfold(1, c, 1).unfold(2, c, 1)  # (B, nbr, nbc, O, c, c)
     blocks = blocks.permute(0, 1, 2, 4, 5, 3)  # (B, nbr, nbc, c, c, O): scikit-image's order
     flat = blocks.reshape(batch, blocks.shape[1], blocks.shape[2], -1)
@@ -526,21 +589,24 @@ class MapSimilarity:
         metrics = self.applicable(maps.shape) if metrics is None else tuple(metrics)
         batch = maps.shape[0]
         finite = _finite_rows(maps.reshape(batch, -1))
-        clean = torch.where(torch.isfinite(maps), maps, torch.zeros_like(maps))
+        clean = maps if bool(finite.all()) else torch.where(torch.isfinite(maps), maps, torch.zeros_like(maps))
 
+        wanted = set(metrics)
         magnitude = _rows(aggregate_channels(clean, signed=False))
-        values, order = magnitude.sort(dim=1)
-        to_absolute = _absolute_scaler(values, self.clip_percentile)
+        values, order = _sort_rows(magnitude)  # ranks, top-k and the clipping percentile from one sort
+        to_absolute = _absolute_scaler(magnitude, self.clip_percentile, values)
         absolute = to_absolute(magnitude)
         signed_flat = _rows(aggregate_channels(clean, signed=True))
-        signed = _signed_scaler(signed_flat.abs().sort(dim=1).values, self.clip_percentile)(signed_flat)
+        signed_values, signed_order = _sort_rows(signed_flat) if "spearman_signed" in wanted else (None, None)
+        to_signed = _signed_scaler(signed_flat, self.clip_percentile, signed_values)
+        signed = to_signed(signed_flat)
 
         stats: dict[str, Any] = {}
         if "spearman_abs" in metrics:
             # the scaling is monotone, so the sort of the raw magnitudes orders the normalized map too
             stats["spearman_abs"] = _standardize(_ranks_from_sorted(to_absolute(values), order))
         if "spearman_signed" in metrics:
-            stats["spearman_signed"] = _standardize(_average_ranks(signed))
+            stats["spearman_signed"] = _standardize(_ranks_from_sorted(to_signed(signed_values), signed_order))
         spatial = self._spatial_shape(maps.shape)
         images = absolute.view(batch, *spatial) if spatial is not None else None
         if "ssim" in metrics:
@@ -554,7 +620,7 @@ class MapSimilarity:
         if "topk" in metrics:
             count = _topk_count(self.top_k, magnitude.shape[1])
             top = order[:, magnitude.shape[1] - count:]  # the sort above already ranks the magnitudes
-            mask = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(1, top, True)
+            mask = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(1, top.to(magnitude.device), True)
             stats["topk"] = (mask, torch.tensor(count), values[:, -1] == values[:, 0])
         shape = (batch, *spatial) if spatial is not None else (batch, magnitude.shape[1])
         return PreparedMaps(absolute.view(shape), signed.view(shape), finite, stats)
