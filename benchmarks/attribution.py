@@ -90,14 +90,14 @@ def run(label: str, model: nn.Module, x: torch.Tensor, repeats: int) -> None:
     model.eval()
     ref = gradient_pass(model, x)
     print(f"\n{label}: batch {tuple(x.shape)}")
-    print(f"{'method':<36} {'n':>4} {'t_grad (ms)':>11} {'time (ms)':>10} {'efficiency':>10}")
+    print(f"{'method':<48} {'n':>4} {'t_grad (ms)':>11} {'time (ms)':>10} {'efficiency':>10}")
     rows = [(name + (f" ({', '.join(f'{k}={v}' for k, v in kw.items())})" if kw else ""), get_method(name, model, **kw))
             for name, kw in METHODS]
     rows += [(f"smoothgrad (batch_size={b})", get_method("smoothgrad", model, batch_size=b)) for b in (64, 160, 512, 1600)]
     for shown, method in rows:
         t_ref, t = paired_times(ref, lambda: method.attribute(x, target=0), repeats)
         n = passes(method, x)
-        print(f"{shown:<36} {n:>4} {t_ref * 1e3:>11.1f} {t * 1e3:>10.1f} {n * t_ref / t:>10.2f}")
+        print(f"{shown:<48} {n:>4} {t_ref * 1e3:>11.1f} {t * 1e3:>10.1f} {n * t_ref / t:>10.2f}")
 
 
 def main() -> None:

@@ -76,7 +76,8 @@ def main() -> None:
     concept_acc = ((out.concept_logits >= 0) == (test_ds.concepts > 0.5)).float().mean(0)
     print("\ntest set")
     print("  segment accuracy:", "  ".join(f"{n}={a:.3f}" for n, a in zip(test_ds.concept_names, concept_acc.tolist())))
-    print(f"  digit accuracy from predicted segments: {(out.task_logits.argmax(1) == test_ds.labels).float().mean():.3f}")
+    task_acc = (out.task_logits.argmax(1) == test_ds.labels).float().mean()
+    print(f"  digit accuracy from predicted segments: {task_acc:.3f}")
     print(f"  digit accuracy after intervening on all 7 segments: "
           f"{(fixed.task_logits.argmax(1) == test_ds.labels).float().mean():.3f}")
 

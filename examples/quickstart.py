@@ -35,7 +35,7 @@ from lightning_lens.testing import LitClassifier
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--num-probes", type=int, default=12)
+    parser.add_argument("--num-probes", type=int, default=10)  # one per digit class
     parser.add_argument("--log-dir", default="lens_logs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -49,7 +49,7 @@ def main() -> None:
 
     saliency = SaliencyMapCallback(
         methods=["gradient", "smoothgrad", "integrated_gradients", "gradcam"],
-        method_kwargs={"smoothgrad": {"n_samples": 25}, "integrated_gradients": {"n_steps": 25}},
+        method_kwargs={"smoothgrad": {"n_samples": 20}, "integrated_gradients": {"n_steps": 20}},
         num_probes=args.num_probes,
         target="prediction",  # explain what the model predicts: a prediction driven by the square shows it
         quality_metrics=["relevance_mass"],
@@ -72,9 +72,16 @@ def main() -> None:
     print()
     print(f"Trained {args.epochs} epochs in {time.perf_counter() - start:.0f} s: val/acc = {float(metrics['val/acc']):.3f}")
     print(f"Saliency maps of {len(saliency.probes)} probes for {', '.join(saliency.method_names)} logged every epoch.")
+    print(
+        "Validation images carry the square at random positions: compare quality/<method>/relevance_mass/square with"
+        " .../square_chance to see how much of each explanation sits on the shortcut."
+    )
     print(f"Logs: {os.path.abspath(logger.log_dir)}")
     tensorboard = os.path.join(os.path.dirname(sys.executable), "tensorboard")
-    tensorboard = os.path.relpath(tensorboard) if os.path.exists(tensorboard) else "tensorboard"
+    if not os.path.exists(tensorboard):
+        tensorboard = "tensorboard"
+    elif not os.path.relpath(tensorboard).startswith(".."):
+        tensorboard = os.path.relpath(tensorboard)
     print(f"Open them with:  {tensorboard} --logdir {args.log_dir}   (then browse to http://localhost:6006)")
 
 

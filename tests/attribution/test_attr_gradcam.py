@@ -93,6 +93,22 @@ def test_a_layer_that_runs_twice_is_rejected():
         GradCAM(Twice(), "conv").attribute(torch.rand(2, 1, 4, 4))
 
 
+def test_a_layer_off_the_path_to_the_logits_is_rejected():
+    class SideBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.side = nn.Conv2d(1, 2, 3, padding=1)
+            self.fc = nn.Linear(32, 2)
+
+        def forward(self, x):
+            self.side(x)  # computed but unused, e.g. an auxiliary head
+            return self.fc(self.conv(x).flatten(1))
+
+    with pytest.raises(ValueError, match="does not depend on the output of layer 'side'"):
+        GradCAM(SideBranch(), "side").attribute(torch.rand(2, 1, 4, 4))
+
+
 def test_frozen_layers_before_the_target_layer_still_work(one_conv):
     model = one_conv()
     for p in model.parameters():

@@ -99,8 +99,17 @@ def test_a_model_without_autograd_path_to_its_output_gets_a_clear_error():
         def forward(self, x):
             return x.detach()[:, :2] * 1.0
 
-    with pytest.raises(RuntimeError, match="does not depend on its input"):
-        Gradient(Detached()).attribute(torch.rand(2, 3))
+    class DetachedLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.linear(x.detach())
+
+    for model in (Detached(), DetachedLinear()):
+        with pytest.raises(RuntimeError, match="does not depend on its input"):
+            Gradient(model).attribute(torch.rand(2, 3))
 
 
 def test_a_target_score_independent_of_the_input_has_zero_gradient():

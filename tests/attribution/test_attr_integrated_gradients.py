@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -100,6 +101,11 @@ def test_integration_points_and_weights():
     assert integration_points(4, "riemann_right")[0] == [0.25, 0.5, 0.75, 1.0]
     assert integration_points(2, "riemann_middle")[0] == [0.25, 0.75]
     assert integration_points(3, "riemann_trapezoid") == ([0.0, 0.5, 1.0], [0.25, 0.5, 0.25])
+    for n in (1, 2, 5, 64):
+        nodes, weights = np.polynomial.legendre.leggauss(n)
+        alphas, ws = integration_points(n, "gausslegendre")
+        np.testing.assert_allclose(alphas, (nodes + 1) / 2, atol=1e-14)
+        np.testing.assert_allclose(ws, weights / 2, atol=1e-14)
     with pytest.raises(ValueError, match="method"):
         integration_points(4, "simpson")
     with pytest.raises(ValueError, match="n_steps"):

@@ -20,7 +20,8 @@ def test_concept_accuracy_at_least_95_percent_per_concept(joint_run, digits):
     module, _ = joint_run
     out = _test_outputs(module, digits["test"])
     acc, auroc = concept_accuracy_auroc(out.concept_logits, digits["test"].concepts)
-    print("per-concept test accuracy", [round(a, 4) for a in acc.tolist()], "AUROC", [round(a, 4) for a in auroc.tolist()])
+    print("per-concept test accuracy", [round(a, 4) for a in acc.tolist()],
+          "AUROC", [round(a, 4) for a in auroc.tolist()])
     assert float(acc.min()) >= 0.95
     assert float(auroc.min()) >= 0.95
 

@@ -129,6 +129,8 @@ def test_hard_intervention_takes_binary_values():
 def test_intervention_mask_forms():
     assert intervention_mask(None, 2, 3) is None
     assert intervention_mask(torch.tensor([[0, 2]]), 1, 3).tolist() == [[True, False, True]]
+    assert intervention_mask([True, False, True], 1, 3).tolist() == [[True, False, True]]  # a mask, not indices
+    assert intervention_mask((0, 2), 1, 3).tolist() == [[True, False, True]]
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
         intervention_mask([3], 2, 3)
     with pytest.raises(ValueError, match=r"\[0, 2\]"):

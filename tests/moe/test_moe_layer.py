@@ -155,6 +155,24 @@ def test_aux_losses_match_hand_computation():
     assert layer2.balance_loss.item() == pytest.approx(1.0, rel=1e-6)
 
 
+def test_balance_loss_uses_clean_probabilities_and_noisy_assignments():
+    torch.manual_seed(0)
+    layer = MixtureOfExperts(6, 2, 4, k=2, noise_seed=0).train()
+    with torch.no_grad():
+        layer.noise.weight.fill_(0.3)  # large noise: noisy and clean routing differ
+    x = torch.randn(64, 6)
+    with layer.recording():
+        layer(x)
+    record = layer.last_routing
+    clean = torch.softmax(x @ layer.router.weight.t(), dim=1)
+    assert not torch.allclose(record.probs, clean)
+    share = torch.bincount(record.experts.reshape(-1), minlength=4).float() / 128
+    assert layer.balance_loss.item() == pytest.approx(4 * float((share * clean.mean(0)).sum()), rel=1e-5)
+    assert layer.balance_loss.requires_grad
+    (grad_noise,) = torch.autograd.grad(layer.balance_loss, [layer.noise.weight], allow_unused=True)
+    assert grad_noise is None  # the noise network cannot lower the balance loss by adding noise
+
+
 def test_moe_aux_loss_sums_every_layer_and_backpropagates():
     torch.manual_seed(0)
     net = nn.Sequential(MixtureOfExperts(6, 6, 4), nn.ReLU(), nn.Sequential(MixtureOfExperts(6, 3, 3, k=1)))

@@ -1,5 +1,7 @@
 """RoutingMonitor end to end: what it logs to TensorBoard, that it leaves training alone, ablation, collapse, errors."""
 
+import warnings
+
 import pytest
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -19,9 +21,12 @@ class LitMoE(LitClassifier):
         return super().training_step(batch, batch_idx) + moe_aux_loss(self)
 
 
-def _model(seed: int = 0, **moe_kwargs) -> LitClassifier:
+def _model(seed: int = 0, prenorm: bool = True, **moe_kwargs) -> LitClassifier:
+    """LayerNorm (pre-norm, as in transformers: raw pixels are all >= 0, which biases a fresh router towards one
+    expert), then the MoE layer ``model.1``, ReLU, a linear head (``prenorm=False``: Identity instead of LayerNorm)."""
     torch.manual_seed(seed)
-    net = nn.Sequential(MixtureOfExperts(64, 32, num_experts=4, k=2, noise_seed=seed, **moe_kwargs), nn.ReLU(),
+    net = nn.Sequential(nn.LayerNorm(64) if prenorm else nn.Identity(),
+                        MixtureOfExperts(64, 32, num_experts=4, k=2, noise_seed=seed, **moe_kwargs), nn.ReLU(),
                         nn.Linear(32, 10))
     return LitMoE(net, num_classes=10, lr=1e-2)
 
@@ -46,12 +51,12 @@ class RoutingSpy(Callback):
         self.train_records, self.val_flags = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        layer = pl_module.model[0]
+        layer = pl_module.model[1]
         self.train_records.append((layer.record_routing, layer.last_routing))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if not trainer.sanity_checking:
-            self.val_flags.append(pl_module.model[0].record_routing)
+            self.val_flags.append(pl_module.model[1].record_routing)
 
 
 def test_monitor_logs_routing_metrics_figures_and_ablation_to_tensorboard(tmp_path, digits_loaders):
@@ -60,17 +65,19 @@ def test_monitor_logs_routing_metrics_figures_and_ablation_to_tensorboard(tmp_pa
     spy = RoutingSpy()
     model = _model()
     trainer, logger = _trainer(tmp_path, [monitor, spy])
-    trainer.fit(model, train, val)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*collapsed.*")  # balanced routing: no collapse warning
+        trainer.fit(model, train, val)
 
     acc = _events(logger)
     scalars, images = acc.Tags()["scalars"], acc.Tags()["images"]
-    prefix = "moe/model.0/"
+    prefix = "moe/model.1/"
     for name in ("load_cv", "usage_entropy", "max_top1_share", "dead_experts", "drop_rate", "nmi", "mean_purity",
                  "balance_loss", "z_loss", "load/expert_0", "ablation/acc_drop/expert_3"):
         assert prefix + name in scalars, name
     assert len(acc.Scalars(prefix + "nmi")) == 2  # one per validation epoch, none for the sanity check
     assert len(acc.Scalars(prefix + "ablation/acc_drop/expert_0")) == 1  # epoch index 1 only (every 2 epochs)
-    stats = monitor.last_statistics["model.0"]
+    stats = monitor.last_statistics["model.1"]
     assert acc.Scalars(prefix + "nmi")[-1].value == pytest.approx(stats.nmi, rel=1e-5)
     loads = [acc.Scalars(f"{prefix}load/expert_{e}")[-1].value for e in range(4)]
     assert sum(loads) == pytest.approx(1.0, abs=1e-5)
@@ -80,7 +87,7 @@ def test_monitor_logs_routing_metrics_figures_and_ablation_to_tensorboard(tmp_pa
     table = acc.Tensors(prefix + "ablation/summary/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert "masked expert" in table and "digit" in table
 
-    ablation = monitor.last_ablation["model.0"]
+    ablation = monitor.last_ablation["model.1"]
     assert ablation.drop.shape == (4, 10) and int(ablation.support.sum()) == min(512, len(val.dataset))
     # masking experts the model relies on costs accuracy somewhere
     assert ablation.overall_drop.max() > 0
@@ -88,7 +95,7 @@ def test_monitor_logs_routing_metrics_figures_and_ablation_to_tensorboard(tmp_pa
     # recording: off in every training step, on during validation, restored afterwards
     assert spy.train_records and all(flag is False and rec is None for flag, rec in spy.train_records)
     assert spy.val_flags and all(spy.val_flags)
-    layer = model.model[0]
+    layer = model.model[1]
     assert layer.record_routing is False and not layer._forward_hooks and layer.masked_experts == frozenset()
 
 
@@ -107,31 +114,32 @@ def test_monitor_does_not_change_training(tmp_path, digits_loaders):
 def test_validate_under_inference_mode_runs_ablation_and_restores_flag(tmp_path, digits_loaders):
     _, val = digits_loaders(batch_size=128)
     model = _model()
-    model.model[0].record_routing = True  # a user's own setting survives
+    model.model[1].record_routing = True  # a user's own setting survives
     monitor = RoutingMonitor(ablation_every_n_epochs=50, ablation_samples=200)
     trainer, logger = _trainer(tmp_path, [monitor])
     trainer.validate(model, val)
     assert trainer.validate_loop.inference_mode
-    assert "model.0" in monitor.last_statistics and "model.0" in monitor.last_ablation
-    assert int(monitor.last_ablation["model.0"].support.sum()) == 200
-    assert model.model[0].record_routing is True
+    assert "model.1" in monitor.last_statistics and "model.1" in monitor.last_ablation
+    assert int(monitor.last_ablation["model.1"].support.sum()) == 200
+    assert model.model[1].record_routing is True
 
 
 def test_collapse_warning_and_capacity_drops(tmp_path, digits_loaders):
     _, val = digits_loaders(batch_size=128)
-    model = _model(capacity_factor=1.0)
+    model = _model(prenorm=False, capacity_factor=1.0)
+    layer = model.model[1]
     with torch.no_grad():  # digits are non-negative: every token goes to expert 2 first and expert 0 second
-        model.model[0].router.weight.zero_()
-        model.model[0].router.weight[2] = 1.0
-        model.model[0].router.weight[0] = 0.5
+        layer.router.weight.zero_()
+        layer.router.weight[2] = 1.0
+        layer.router.weight[0] = 0.5
     monitor = RoutingMonitor(collapse_threshold=0.9, ablation_every_n_epochs=None)
     trainer, logger = _trainer(tmp_path, [monitor])
     with pytest.warns(UserWarning, match=r"expert 2 is the top-1 expert of 100% of the validation tokens"):
         trainer.validate(model, val)
-    stats = monitor.last_statistics["model.0"]
+    stats = monitor.last_statistics["model.1"]
     # a batch of n tokens has capacity ceil(1.0 * n * 2 / 4) = n / 2 per expert: experts 2 and 0 each keep half
     assert stats.drop_rate == 0.5 and stats.dead_experts == 2 and stats.load.tolist() == [0.5, 0.0, 0.5, 0.0]
-    assert _events(logger).Scalars("moe/model.0/drop_rate")[-1].value == pytest.approx(stats.drop_rate, rel=1e-5)
+    assert _events(logger).Scalars("moe/model.1/drop_rate")[-1].value == pytest.approx(stats.drop_rate, rel=1e-5)
     assert monitor.last_ablation == {}
 
 
@@ -180,12 +188,12 @@ def test_arguments_and_missing_layers_raise_clear_errors(tmp_path, digits_loader
     with pytest.raises(ValueError, match="class_names has 3 names but num_classes=10"):
         RoutingMonitor(num_classes=10, class_names=["a", "b", "c"])
     with pytest.raises(TypeError, match="layers must be a sequence"):
-        RoutingMonitor(layers="model.0")
+        RoutingMonitor(layers="model.1")
     _, val = digits_loaders()
     plain = LitClassifier(nn.Sequential(nn.Linear(64, 10)), num_classes=10)
     trainer, _ = _trainer(tmp_path, [RoutingMonitor()], logger=False)
     with pytest.raises(ValueError, match="found no MixtureOfExperts layer"):
         trainer.validate(plain, val)
-    trainer, _ = _trainer(tmp_path, [RoutingMonitor(layers=["model.2"])], logger=False)
-    with pytest.raises(TypeError, match="'model.2', a Linear, not a MixtureOfExperts"):
+    trainer, _ = _trainer(tmp_path, [RoutingMonitor(layers=["model.3"])], logger=False)
+    with pytest.raises(TypeError, match="'model.3', a Linear, not a MixtureOfExperts"):
         trainer.validate(_model(), val)

@@ -101,14 +101,12 @@ def input_gradients(
     logits = forward_logits(model, leaf.clone())
     resolved = resolve_target(target, logits)
     score = target_scores(logits, resolved).sum()
-    if not score.requires_grad:
+    grads = torch.autograd.grad(score, leaf, allow_unused=True)[0] if score.requires_grad else None
+    if grads is None:
         raise RuntimeError(
             "the model's output does not depend on its input through autograd: does its forward run under"
-            " torch.no_grad(), or detach the input?"
+            " torch.no_grad(), detach the input, or convert it to numpy?"
         )
-    (grads,) = torch.autograd.grad(score, leaf, allow_unused=True)
-    if grads is None:  # the target scores do not depend on the input at all: the gradient is exactly zero
-        grads = torch.zeros_like(leaf)
     return grads.detach(), resolved, logits.detach()
 
 

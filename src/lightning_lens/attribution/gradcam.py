@@ -154,7 +154,10 @@ class GradCAM(Attribution):
         resolved = resolve_target(target, logits)
         (grads,) = torch.autograd.grad(target_scores(logits, resolved).sum(), activation, allow_unused=True)
         if grads is None:
-            grads = torch.zeros_like(activation)
+            raise ValueError(
+                f"the model's output does not depend on the output of layer {self.layer_name!r}; pick a layer on the"
+                " path from the input to the logits"
+            )
         activation = activation.detach()
         spatial_dims = tuple(range(2, activation.dim()))
         alpha = grads.mean(dim=spatial_dims, keepdim=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -227,9 +228,11 @@ class ConceptMonitor(Callback):
             steps = self._steps(num_concepts)
             means = {name: c.mean(0) for name, c in curves.items()}
             bands = {name: (c.mean(0) - c.std(0), c.mean(0) + c.std(0)) for name, c in curves.items() if c.shape[0] > 1}
+            low = min(float(c.min()) for c in curves.values())
+            ylim = (max(0.0, math.floor((low - 0.02) * 20) / 20), 1.005)  # zoom in: curves often live near the top
             fig = plot_curves(steps, means, bands=bands or None, title=f"Intervention curve (epoch "
                               f"{trainer.current_epoch})", xlabel="concepts intervened (k)", ylabel="task accuracy",
-                              ylim=(0.0, 1.02))
+                              ylim=ylim)
             log_figure(trainer, "concepts/intervention_curve", fig)
 
     # ---------------------------------------------------------------------------------------------- helpers

@@ -128,7 +128,9 @@ class SevenSegmentDigits(Dataset):
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
         fractions = tuple(float(f) for f in fractions)
         if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(f"fractions must be three non-negative numbers summing to 1 (train, val, test), got {fractions}")
+            raise ValueError(
+                f"fractions must be three non-negative numbers summing to 1 (train, val, test), got {fractions}"
+            )
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
             raise ValueError(f"image_size must be a positive int (8 = native resolution), got {image_size!r}")
         from sklearn.datasets import load_digits  # bundled with scikit-learn: no download

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -73,8 +74,8 @@ def intervention_mask(
 
     Args:
         intervene: ``None`` (nothing); ``"all"``; an int or a list / 1-D integer tensor of concept indices (the same
-            for every example); a bool tensor ``(C,)`` (same for every example) or ``(B, C)`` (per example); or a 2-D
-            integer tensor ``(B, k)`` of per-example indices.
+            for every example); a bool tensor (or list of bools) ``(C,)`` (same for every example) or ``(B, C)`` (per
+            example); or a 2-D integer tensor ``(B, k)`` of per-example indices.
         batch_size: B.
         num_concepts: C.
         device: where the mask lives.
@@ -96,7 +97,11 @@ def intervention_mask(
         raise TypeError("intervene must be concept indices, a bool mask tensor or 'all', got a bool")
     if isinstance(intervene, int):
         intervene = [intervene]
-    t = intervene if isinstance(intervene, torch.Tensor) else torch.as_tensor(list(intervene), dtype=torch.long)
+    if isinstance(intervene, torch.Tensor):
+        t = intervene
+    else:  # keep the dtype: a list (or array) of bools is a mask, not the indices 0/1
+        arr = np.asarray(intervene)
+        t = torch.zeros(0, dtype=torch.long) if arr.size == 0 else torch.as_tensor(arr)
     t = t.to(device)
     if t.dtype == torch.bool:
         if t.shape == (num_concepts,):
@@ -147,8 +152,8 @@ def concept_pos_weight(concepts: torch.Tensor, max_weight: float = 100.0) -> tor
     so a concept that is never (or always) on does not produce an infinite weight.
 
     Example:
-        >>> concept_pos_weight(torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 1.0]])).tolist()
-        [3.0, 0.5]
+        >>> concept_pos_weight(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0]])).tolist()
+        [3.0, 1.0]
     """
     c = torch.as_tensor(concepts, dtype=torch.float32)
     if c.dim() != 2:
@@ -166,9 +171,9 @@ def split_concept_batch(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(inputs, concepts, targets)`` of a concept batch.
 
-    Defaults: tuple/list batches are ``(x, concepts, y)`` (torch_explain's order) or ``(x, concepts)``; dict batches use ``image``/``x``/...
-    for inputs, ``concepts``/``concept``/``c``/``attributes`` for concepts and ``label``/``y``/... for targets. A
-    missing concept or target entry gives None.
+    Defaults: tuple/list batches are ``(x, concepts, y)`` (torch_explain's order) or ``(x, concepts)``; dict batches
+    use ``image``/``x``/... for inputs, ``concepts``/``concept``/``c``/``attributes`` for concepts and
+    ``label``/``y``/... for targets. A missing concept or target entry gives None.
     """
     is_seq = isinstance(batch, (tuple, list))
     accessor = BatchAccessor(
@@ -293,7 +298,9 @@ class ConceptBottleneckModel(nn.Module):
     def predict_task(self, bottleneck: torch.Tensor) -> torch.Tensor:
         """Task logits ``(B, K)`` from bottleneck values ``(B, C)`` (the head alone)."""
         if bottleneck.dim() != 2 or bottleneck.shape[1] != self.num_concepts:
-            raise ValueError(f"bottleneck values must have shape (B, {self.num_concepts}), got {tuple(bottleneck.shape)}")
+            raise ValueError(
+                f"bottleneck values must have shape (B, {self.num_concepts}), got {tuple(bottleneck.shape)}"
+            )
         out = self.task_head(bottleneck)
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != bottleneck.shape[0]:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -386,7 +393,8 @@ class ConceptBottleneckModel(nn.Module):
         """``(off, on)`` values, each ``(C,)``, that an intervention puts into the bottleneck.
 
         0 and 1 for ``"soft"``/``"hard"``. For ``"logit"``: fixed or calibrated values if set, else the running
-        percentiles of recent training logits; raises if neither exists yet.
+        percentiles of the recent training-mode logits (once at least ``min(20, logit_buffer_size)`` rows were seen);
+        raises a ``RuntimeError`` saying what to do if neither exists yet.
         """
         if self.bottleneck_kind != "logit":
             device = next((p.device for p in self.parameters()), torch.device("cpu"))
@@ -596,7 +604,9 @@ def concept_accuracy_auroc(concept_logits: torch.Tensor, concepts: torch.Tensor)
     from torchmetrics.functional.classification import binary_auroc
 
     if concepts.shape != concept_logits.shape:
-        raise ValueError(f"concepts have shape {tuple(concepts.shape)} but concept_logits {tuple(concept_logits.shape)}")
+        raise ValueError(
+            f"concepts have shape {tuple(concepts.shape)} but concept_logits {tuple(concept_logits.shape)}"
+        )
     truth = concepts >= 0.5
     acc = ((concept_logits >= 0) == truth).float().mean(0)
     aurocs = []

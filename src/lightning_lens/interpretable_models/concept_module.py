@@ -106,8 +106,9 @@ class ConceptBottleneckModule(LightningModule):
         if training not in _TRAINING:
             raise ValueError(f"training must be one of {_TRAINING}, got {training!r}")
         if training == "independent" and model.bottleneck_kind == "logit":
-            raise ValueError("training='independent' feeds the true 0/1 concepts to the head, which needs a probability "
-                             "bottleneck: use bottleneck='soft' or 'hard' (or training='joint'/'sequential')")
+            raise ValueError("training='independent' feeds the true 0/1 concepts to the head, which needs a "
+                             "probability bottleneck: use bottleneck='soft' or 'hard' (or training='joint' or "
+                             "'sequential')")
         if training == "sequential":
             if not isinstance(concept_epochs, int) or isinstance(concept_epochs, bool) or concept_epochs < 1:
                 raise ValueError(f"training='sequential' needs concept_epochs (int >= 1): the epochs that train the "

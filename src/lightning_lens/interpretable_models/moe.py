@@ -77,9 +77,10 @@ class RoutingRecord:
 class _Routing(NamedTuple):
     experts: torch.Tensor  # (N, k) long
     gates: torch.Tensor  # (N, k) float32, differentiable
-    probs: torch.Tensor  # (N, E) float32, differentiable
+    probs: torch.Tensor  # (N, E) float32, differentiable: softmax of the routing scores (noisy in training)
     logits: torch.Tensor  # (N, E) float32 clean router logits (masked experts at -inf)
     kept: Optional[torch.Tensor]  # (N, k) bool, None when no capacity limit applies
+    probs_are_clean: bool  # no noise was added (probs == softmax(logits))
 
 
 def _index_add_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
@@ -134,7 +135,9 @@ class MixtureOfExperts(nn.Module):
 
     - ``balance_loss`` (Switch/GShard): ``E * sum_i f_i * P_i`` with ``f_i`` the share of the ``N * k`` top-k
       assignments that go to expert ``i`` (for ``k = 1`` exactly Switch's top-1 fraction) and ``P_i`` the mean router
-      probability of expert ``i``. It equals 1 under uniform routing and ``E`` when everything goes to one expert.
+      probability of expert ``i`` from the clean logits ``xW_g`` (so the noise cannot fake a balance that the
+      noise-free eval routing lacks). It equals 1 under uniform routing and ``E`` when everything goes to one
+      expert.
     - ``z_loss`` (ST-MoE): mean over tokens of ``logsumexp(xW_g)^2`` (clean logits).
     - ``aux_loss = balance_loss_weight * balance_loss + z_loss_weight * z_loss``: add it to the task loss, or add
       :func:`moe_aux_loss(model) <moe_aux_loss>` for all layers of a model. Only the last call of the layer is kept.
@@ -374,14 +377,15 @@ class MixtureOfExperts(nn.Module):
             mask[list(self._masked)] = True
             logits = logits.masked_fill(mask, float("-inf"))
         scores = logits
-        if self.noisy_gating and self.training:
+        noisy = self.noisy_gating and self.training
+        if noisy:
             std = F.softplus(F.linear(t32, self.noise.weight.float()))
             eps = torch.randn(std.shape, generator=self._noise_generator).to(std.device)
             scores = logits + eps * std
         probs = scores.softmax(dim=-1)
         top_scores, experts = scores.topk(self.k, dim=-1)
         gates = top_scores.softmax(dim=-1) if self.normalize_gates else probs.gather(-1, experts)
-        return _Routing(experts, gates, probs, logits, self._capacity_mask(experts, gates))
+        return _Routing(experts, gates, probs, logits, self._capacity_mask(experts, gates), not noisy)
 
     def _capacity_mask(self, experts: torch.Tensor, gates: torch.Tensor) -> Optional[torch.Tensor]:
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -451,7 +455,10 @@ class MixtureOfExperts(nn.Module):
         n, k = routing.experts.shape
         counts = torch.bincount(routing.experts.reshape(-1), minlength=self.num_experts)
         share = counts.float() / (n * k)
-        self.balance_loss = self.num_experts * (share * routing.probs.mean(dim=0)).sum()
+        # P_i from the clean logits: with the noisy probabilities the noise network could "balance" the load by
+        # growing the noise, leaving the noise-free routing used in eval collapsed
+        clean = routing.probs if routing.probs_are_clean else routing.logits.softmax(dim=-1)
+        self.balance_loss = self.num_experts * (share * clean.mean(dim=0)).sum()
         self.z_loss = torch.logsumexp(routing.logits, dim=-1).pow(2).mean()
         self.aux_loss = self.balance_loss_weight * self.balance_loss + self.z_loss_weight * self.z_loss
         self.tokens_per_expert = counts.detach()

@@ -38,9 +38,8 @@ from lightning_lens.sanity.report import (
     MethodResult,
     RandomizationReport,
     VerdictRule,
-    stack_stage_similarities,
 )
-from lightning_lens.sanity.similarity import MapSimilarity, PreparedMaps
+from lightning_lens.sanity.similarity import MapSimilarity
 from lightning_lens.utils import resolve_target
 from lightning_lens.utils.targets import Target
 
@@ -201,8 +200,7 @@ def _randomization_test(
 
     # stage 0: original maps, their normalized views, floor and ceiling controls
     references = [Reference.compute(m, x, stage_target, similarity) for m in bound]
-    stages: list[list[dict[str, torch.Tensor]]] = [[] for _ in bound]
-    kept = [[_cpu_maps(r.prepared)] if keep_maps else [] for r in references]
+    stage_maps: list[list[torch.Tensor]] = [[] for _ in bound]
 
     fallback: list[str] = []
     total = len(sequence)
@@ -215,10 +213,7 @@ def _randomization_test(
             predictions.append(stage_target.cpu())
         targets.append(stage_target.cpu())  # type: ignore[union-attr]
         for i, ref in enumerate(references):
-            scores, prepared = ref.compare(ref.method.explain(x, stage_target), similarity)
-            stages[i].append(scores)
-            if keep_maps:
-                kept[i].append(_cpu_maps(prepared))
+            stage_maps[i].append(ref.method.explain(x, stage_target))
         if saved is not None:
             with torch.no_grad():
                 for tensor, value in saved:
@@ -236,17 +231,18 @@ def _randomization_test(
     )
     for i, ref in enumerate(references):
         name = ref.method.name
-        sims = stack_stage_similarities(stages[i], ref.metrics)
-        verdict = rule.judge(name, sims, ref.floor, ref.ceiling)
+        scores, prepared = ref.compare_stages(stage_maps[i], similarity)
+        stage_maps[i] = []  # free the raw maps
+        sims = {m: v.detach().float().cpu() for m, v in scores.items()}
+        maps = signed = None
+        if keep_maps:
+            shape = (len(sequence) + 1, *ref.prepared.absolute.shape)
+            maps = torch.cat([ref.prepared.absolute, *(p.absolute for p in prepared)]).float().cpu().view(shape)
+            signed = torch.cat([ref.prepared.signed, *(p.signed for p in prepared)]).float().cpu().view(shape)
         report.results[name] = MethodResult(
             name=name, metrics=ref.metrics, similarity=sims, floor=ref.floor, ceiling=ref.ceiling,
-            stochastic=ref.method.stochastic,
-            maps=torch.stack([a for a, _ in kept[i]]) if keep_maps else None,
-            signed_maps=torch.stack([s for _, s in kept[i]]) if keep_maps else None,
-            verdict=verdict,
+            stochastic=ref.method.stochastic, maps=maps, signed_maps=signed,
+            verdict=rule.judge(name, sims, ref.floor, ref.ceiling),
         )
     return report
 
-
-def _cpu_maps(prepared: PreparedMaps) -> tuple[torch.Tensor, torch.Tensor]:
-    return prepared.absolute.float().cpu(), prepared.signed.float().cpu()

@@ -471,14 +471,21 @@ class PreparedMaps:
     finite: torch.Tensor
     stats: dict[str, Any]
 
-    def roll(self, shifts: int = 1) -> "PreparedMaps":
-        """The same maps with the batch rotated by ``shifts`` (example ``i`` paired with ``i - shifts``)."""
+    def _apply(self, fn: Any) -> "PreparedMaps":
         def r(v: Any) -> Any:
             if isinstance(v, tuple):
                 return tuple(r(t) for t in v)
-            return v.roll(shifts, dims=0) if v.dim() else v
+            return fn(v) if v.dim() else v  # 0-dim entries (the top-k count) are per batch, not per example
 
         return PreparedMaps(r(self.absolute), r(self.signed), r(self.finite), {k: r(v) for k, v in self.stats.items()})
+
+    def roll(self, shifts: int = 1) -> "PreparedMaps":
+        """The same maps with the batch rotated by ``shifts`` (example ``i`` paired with ``i - shifts``)."""
+        return self._apply(lambda t: t.roll(shifts, dims=0))
+
+    def tile(self, times: int) -> "PreparedMaps":
+        """The batch repeated ``times`` times (to compare one batch with ``times`` stacked batches at once)."""
+        return self._apply(lambda t: t.repeat(times, *([1] * (t.dim() - 1))))
 
     def __len__(self) -> int:
         return int(self.absolute.shape[0])
