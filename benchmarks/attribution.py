@@ -6,8 +6,8 @@ n is the number of such passes the method needs by definition (``n_samples`` for
 multi-sample methods should reach >= 0.9 at their defaults, i.e. expanding the batch into chunks of noisy copies or
 path points must not add overhead. Grad-CAM backpropagates only to its layer and Occlusion runs forward passes only
 (n = window positions), so both can exceed 1. The last rows time SmoothGrad with other chunk sizes (``batch_size``)
-to show why the default is what it is. Times are medians of a few repeats, each paired with a t_grad measurement
-taken right before it; the machine may be shared, so rerun when it is quiet.
+to show why the default is what it is. Each repeat times n back-to-back gradient passes and then the method, so both
+span about the same wall-clock time; the medians over a few repeats are printed. Rerun on a quiet machine.
 
 Run: ``python benchmarks/attribution.py [--repeats 5] [--batch 32] [--threads 1]``
 """
@@ -41,17 +41,25 @@ def small_cnn(in_channels: int, num_classes: int) -> nn.Module:
         )
 
 
-def paired_times(ref: Callable[[], object], fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median times of ``ref`` and ``fn``, measured in alternation so that load changes hit both alike."""
+def paired_times(ref: Callable[[], object], n: int, fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
+    """``(t_grad, t_method, efficiency)``: ``n`` back-to-back reference passes and one method call, alternated.
+
+    Timing n reference passes (rather than one) makes both measurements span the same wall-clock time, so load
+    from other processes hits them alike; the efficiency is the median over the pairs of ``T(n refs) / T(method)``.
+    """
     ref()
     fn()  # warm-up
-    t_ref, t_fn = [], []
+    t_refs, t_fns = [], []
     for _ in range(repeats):
-        for f, out in ((ref, t_ref), (fn, t_fn)):
-            start = time.perf_counter()
-            f()
-            out.append(time.perf_counter() - start)
-    return statistics.median(t_ref), statistics.median(t_fn)
+        start = time.perf_counter()
+        for _ in range(n):
+            ref()
+        t_refs.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fn()
+        t_fns.append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(t_refs, t_fns)]
+    return statistics.median(t_refs) / n, statistics.median(t_fns), statistics.median(ratios)
 
 
 def gradient_pass(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -95,9 +103,9 @@ def run(label: str, model: nn.Module, x: torch.Tensor, repeats: int) -> None:
             for name, kw in METHODS]
     rows += [(f"smoothgrad (batch_size={b})", get_method("smoothgrad", model, batch_size=b)) for b in (64, 160, 512, 1600)]
     for shown, method in rows:
-        t_ref, t = paired_times(ref, lambda: method.attribute(x, target=0), repeats)
         n = passes(method, x)
-        print(f"{shown:<48} {n:>4} {t_ref * 1e3:>11.1f} {t * 1e3:>10.1f} {n * t_ref / t:>10.2f}")
+        t_ref, t, efficiency = paired_times(ref, n, lambda: method.attribute(x, target=0), repeats)
+        print(f"{shown:<48} {n:>4} {t_ref * 1e3:>11.1f} {t * 1e3:>10.1f} {efficiency:>10.2f}")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Toy models with known attributions (several reproduce Captum's test models, whose expected values we check)."""
+"""Fixtures: Captum's toy models (from ``lightning_lens.testing``, with published expected values) and a tiny CNN."""
 
 from __future__ import annotations
 
@@ -7,46 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class OneConv(nn.Module):
-    """Captum's ``BasicModel_ConvNet_One_Conv``: ones 3x3 conv (bias -50, -75), ReLU, fixed linear head, ReLU."""
-
-    def __init__(self, inplace: bool = False) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 2, 3, 1)
-        self.relu1 = nn.ReLU(inplace=inplace)
-        self.fc1 = nn.Linear(8, 4)
-        self.relu2 = nn.ReLU(inplace=inplace)
-        with torch.no_grad():
-            self.conv1.weight.fill_(1.0)
-            self.conv1.bias.copy_(torch.tensor([-50.0, -75.0]))
-            self.fc1.weight.copy_(torch.cat([torch.ones(4, 5), -torch.ones(4, 3)], dim=1))
-            self.fc1.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.conv1(x))
-        return self.relu2(self.fc1(x.view(-1, 8)))
-
-
-class MultiLayer(nn.Module):
-    """Captum's ``BasicModel_MultiLayer``: identity, ones(4,3) + bias (-10, 1, 1, 1), ReLU, ones(2,4) + bias (-1, 0)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear0 = nn.Linear(3, 3)
-        self.linear1 = nn.Linear(3, 4)
-        self.relu = nn.ReLU()
-        self.linear2 = nn.Linear(4, 2)
-        with torch.no_grad():
-            self.linear0.weight.copy_(torch.eye(3))
-            self.linear0.bias.zero_()
-            self.linear1.weight.fill_(1.0)
-            self.linear1.bias.copy_(torch.tensor([-10.0, 1.0, 1.0, 1.0]))
-            self.linear2.weight.fill_(1.0)
-            self.linear2.bias.copy_(torch.tensor([-1.0, 0.0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.relu(self.linear1(self.linear0(x))))
+from lightning_lens.testing.models import MultiLayerModel, OneConvReLUModel
 
 
 class TinyCNN(nn.Module):
@@ -89,13 +50,13 @@ def images() -> torch.Tensor:
 
 
 @pytest.fixture
-def one_conv() -> type[OneConv]:
-    return OneConv
+def one_conv() -> type[OneConvReLUModel]:
+    return OneConvReLUModel
 
 
 @pytest.fixture
-def multi_layer() -> MultiLayer:
-    return MultiLayer()
+def multi_layer() -> MultiLayerModel:
+    return MultiLayerModel()
 
 
 # small settings so every method runs fast in the cross-method tests

@@ -170,6 +170,8 @@ def test_nothing_is_left_behind_after_an_exception(name, tiny_cnn, images, fast_
     model.armed = True
     with pytest.raises(RuntimeError, match="boom"):
         method.attribute(images, target=0)
+    with pytest.raises(RuntimeError, match="boom"):  # a fresh Grad-CAM fails while looking for its layer
+        make(name, model, fast_kwargs).attribute(images, target=0)
     assert _hooks_left(model) == 0
     assert torch.overrides._get_current_function_mode_stack() == []
     assert [m.training for m in model.modules()] == modes

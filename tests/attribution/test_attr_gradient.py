@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_lens.attribution import Gradient, GradientXInput, input_gradients
+from lightning_lens.testing.models import OneMinusReLUModel
 
 
 @pytest.fixture
@@ -35,8 +36,12 @@ def test_gradient_x_input_of_a_linear_model_is_the_contribution(linear):
 class OneMinusReluOneMinus(nn.Module):
     """Captum's BasicModel, f(x) = 1 - relu(1 - x), summed per example into one logit."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.basic = OneMinusReLUModel()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (1 - torch.relu(1 - x)).sum(dim=1, keepdim=True)
+        return self.basic(x).sum(dim=1, keepdim=True)
 
 
 def test_gradient_on_captums_basic_model():

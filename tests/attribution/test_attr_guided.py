@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lens.attribution import Deconvnet, Gradient, GuidedBackprop, ReLURule
+from lightning_lens.testing.models import MixedReLUModel
 
 GBP_ORACLE = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 3.0, 3.0, 2.0], [1.0, 3.0, 3.0, 2.0], [1.0, 2.0, 2.0, 1.0]])
 DECONV_ORACLE = torch.tensor([[2.0, 3.0, 3.0, 1.0], [3.0, 5.0, 5.0, 2.0], [3.0, 5.0, 5.0, 2.0], [1.0, 2.0, 2.0, 1.0]])
@@ -132,3 +133,28 @@ def test_a_model_without_relu_warns_and_equals_the_gradient():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GuidedBackprop(MixedReLUs(["module"])).attribute(torch.randn(2, 6), target=0)
+
+
+def test_a_relu_module_reused_twice_gets_the_rule_both_times():
+    class Reused(MixedReLUs):
+        def __init__(self):
+            super().__init__(["module", "module"])
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = self.act(layer(x))
+            return self.head(x)
+
+    model = Reused()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
+    for rule, method in (("guided", GuidedBackprop), ("deconv", Deconvnet)):
+        torch.testing.assert_close(method(model).attribute(x, target=1), hand_computed(model, x, 1, rule),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", [GuidedBackprop, Deconvnet, Gradient])
+def test_shipped_mixed_relu_model_equals_its_all_modules_twin(method):
+    x = torch.linspace(-1, 1, 24).view(6, 4)
+    mixed, modules = MixedReLUModel("mixed"), MixedReLUModel("modules")
+    torch.testing.assert_close(method(mixed).attribute(x, target=2), method(modules).attribute(x, target=2))

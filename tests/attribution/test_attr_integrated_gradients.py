@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_lens.attribution import IntegratedGradients
 from lightning_lens.attribution.integrated_gradients import RULES, integration_points
+from lightning_lens.testing.models import DifferenceReLUModel
 
 
 @pytest.fixture
@@ -57,18 +58,12 @@ def test_gauss_legendre_is_exact_for_polynomials():
     torch.testing.assert_close(left, x * 0.5 * (0 + 3 * 0.25 * x**2))
 
 
-class CaptumModel2(nn.Module):
-    """Captum's BasicModel2 on one (B, 2) input: relu(relu(x1) - 1 - relu(x2))."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(torch.relu(x[:, :1]) - 1 - torch.relu(x[:, 1:2]))
-
-
 @pytest.mark.parametrize("method", RULES)
 def test_captum_oracle_basic_model2(method):
+    # Captum's BasicModel2, relu(relu(x1) - 1 - relu(x2)), with its two inputs as two features.
     # Captum: x = (3, 1), zero baseline -> attributions (1.5, -0.5) within 0.05 at 500 steps
     x = torch.tensor([[3.0, 1.0]])
-    attr, delta = IntegratedGradients(CaptumModel2(), n_steps=500, method=method).attribute(
+    attr, delta = IntegratedGradients(DifferenceReLUModel(), n_steps=500, method=method).attribute(
         x, target=0, return_convergence_delta=True)
     torch.testing.assert_close(attr, torch.tensor([[1.5, -0.5]]), atol=0.05, rtol=0)
     assert delta.abs().max() < 0.07

@@ -1,6 +1,13 @@
 """RoutingMonitor end to end: what it logs to TensorBoard, that it leaves training alone, ablation, collapse, errors."""
 
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,10 +181,42 @@ def test_sequence_tokens_inherit_the_sequence_label(tmp_path):
 
 
 def test_dedupe_drops_tokens_of_repeated_samples():
-    rows = torch.tensor([[7, 0, 1, 2, 1], [7, 1, 1, 0, 1], [3, 0, 0, 1, 1], [7, 0, 1, 2, 1], [-1, 0, 1, 1, 1],
-                         [-1, 0, 1, 1, 1]])
+    # columns: sample id, call, position, label, expert, kept; sample 7 repeated, its second call kept apart
+    rows = torch.tensor([[7, 0, 0, 1, 2, 1], [7, 0, 1, 1, 0, 1], [3, 0, 0, 0, 1, 1], [7, 0, 0, 1, 2, 1],
+                         [7, 1, 0, 1, 3, 1], [-1, 0, 0, 1, 1, 1], [-1, 0, 0, 1, 1, 1]])
     out = RoutingMonitor._dedupe(rows)
-    assert out.shape[0] == 5 and (out[:, 0] == 7).sum() == 2 and (out[:, 0] == -1).sum() == 2
+    assert out.shape[0] == 6 and (out[:, 0] == 7).sum() == 3 and (out[:, 0] == -1).sum() == 2
+
+
+class TwiceThroughMoE(pl.LightningModule):
+    """The same MoE layer applied twice per step (weight sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.moe = MixtureOfExperts(8, 8, num_experts=3, k=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.moe(self.moe(x)))
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+
+def test_every_call_of_a_shared_layer_is_counted(tmp_path):
+    x = torch.randn(12, 8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(12, dtype=torch.long)),
+                                         batch_size=5)
+
+    class Forward(Callback):  # the module's validation_step does nothing, so run the forward here
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            pl_module(batch[0])
+
+    monitor = RoutingMonitor(ablation_every_n_epochs=None)
+    trainer, _ = _trainer(tmp_path, [monitor, Forward()], logger=False)
+    trainer.validate(TwiceThroughMoE(), loader)
+    assert monitor.last_statistics["moe"].num_tokens == 24
 
 
 def test_arguments_and_missing_layers_raise_clear_errors(tmp_path, digits_loaders):
@@ -197,3 +236,31 @@ def test_arguments_and_missing_layers_raise_clear_errors(tmp_path, digits_loader
     trainer, _ = _trainer(tmp_path, [RoutingMonitor(layers=["model.3"])], logger=False)
     with pytest.raises(TypeError, match="'model.3', a Linear, not a MixtureOfExperts"):
         trainer.validate(_model(), val)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_report_the_same_routing_as_one(tmp_path):
+    here = Path(__file__).parent
+    spec = importlib.util.spec_from_file_location("moe_ddp_script", here / "moe_ddp_script.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    one = script.run_validate(devices=1, root=str(tmp_path / "one"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, str(here / "moe_ddp_script.py"), "--devices", "2", "--out", str(out),
+                           "--root", str(tmp_path / "two")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert one["num_tokens"] == 539 and one["support"] == ranks[0]["support"]  # the repeated sample is dropped
+    for rank in ranks:  # every rank gathered everything and computed the same numbers
+        assert {k: v for k, v in rank.items() if k != "rank"} == {k: v for k, v in one.items() if k != "rank"}
+    event_files = list((tmp_path / "two").rglob("events.out.tfevents.*"))
+    assert len(event_files) == 1  # only rank zero logs
+    acc = EventAccumulator(str(event_files[0].parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert acc.Scalars("moe/model.1/nmi")[-1].value == pytest.approx(one["nmi"], rel=1e-5)

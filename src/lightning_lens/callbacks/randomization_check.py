@@ -27,11 +27,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
-from torch import nn
 from typing_extensions import override
 
 from lightning_lens._pl import Callback, pl, rank_zero_warn
@@ -267,6 +266,12 @@ class RandomizationSanityCheck(Callback):
             controls=self.controls, progress=progress,
         )
         self._last_report = report
+        if not trainer.loggers:
+            rank_zero_warn(
+                "RandomizationSanityCheck has no logger to write to (Trainer(logger=False)); the report is still"
+                " available as `.last_report`. Pass a logger, e.g. TensorBoardLogger('lens_logs')."
+            )
+            return
         self._log(trainer, report, probes)
 
     def _log(self, trainer: "pl.Trainer", report: Any, probes: ProbeSet) -> None:

@@ -25,8 +25,9 @@ from lightning_lens.utils import BatchAccessor, resolve_module
 
 __all__ = ["RoutingMonitor"]
 
-# columns of the per-token rows: sample id, token position, label, then k experts and k kept flags
-_ID, _POS, _LABEL, _FIXED = 0, 1, 2, 3
+# columns of the per-token rows: sample id, call of the layer within the step, token position, label, then the k
+# experts and the k kept flags
+_ID, _CALL, _POS, _LABEL, _FIXED = 0, 1, 2, 3, 4
 
 
 class RoutingMonitor(Callback):
@@ -117,7 +118,9 @@ class RoutingMonitor(Callback):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(f"forward_fn must be callable(pl_module, inputs) -> logits, got {type(forward_fn).__name__}")
+            raise TypeError(
+                f"forward_fn must be callable(pl_module, inputs) -> logits, got {type(forward_fn).__name__}"
+            )
         self.layer_names = None if layers is None else list(layers)
         self.num_classes = num_classes
         self.class_names = None if class_names is None else [str(c) for c in class_names]
@@ -175,8 +178,10 @@ class RoutingMonitor(Callback):
             return
         self._in_batch = False
         labels, ids = self.accessor.targets(batch), self.accessor.indices(batch)
-        for name, record, balance, z in self._pending:
-            self._add_record(name, record, labels, ids, balance, z)
+        calls: dict[str, int] = {}
+        for name, record, balance, z in self._pending:  # a layer may run several times in one step
+            self._add_record(name, calls.setdefault(name, 0), record, labels, ids, balance, z)
+            calls[name] += 1
         self._pending = []
         if self._ablation_due(trainer) and self._num_samples < self.ablation_samples:
             x = self.accessor.inputs(batch)
@@ -228,7 +233,7 @@ class RoutingMonitor(Callback):
         self._collecting = self._in_batch = False
         self._pending = []
 
-    def _add_record(self, name: str, record: RoutingRecord, labels: Optional[torch.Tensor],
+    def _add_record(self, name: str, call: int, record: RoutingRecord, labels: Optional[torch.Tensor],
                     ids: Optional[torch.Tensor], balance: float, z: float) -> None:
         lead = record.experts.shape[:-1]
         n = record.num_tokens
@@ -237,19 +242,19 @@ class RoutingMonitor(Callback):
             self._warn_once(f"max_tokens/{name}", f"RoutingMonitor: layer {name!r} saw more than max_tokens="
                                                   f"{self.max_tokens} tokens this epoch; later tokens are not counted")
             return
-        device = record.experts.device
         batch = lead[0] if len(lead) else 1
         per_sample = n // max(batch, 1)
-        position = torch.arange(per_sample, device=device).repeat(batch)
-        label_col = torch.full((n,), -1, dtype=torch.long, device=device)
+        position = torch.arange(per_sample).repeat(batch)
+        label_col = torch.full((n,), -1, dtype=torch.long)
         if labels is not None:
-            label_col = self._token_labels(name, labels.to(device), lead, label_col)
-        id_col = torch.full((n,), -1, dtype=torch.long, device=device)
+            label_col = self._token_labels(name, labels.cpu(), lead, label_col)
+        id_col = torch.full((n,), -1, dtype=torch.long)
         if ids is not None and ids.numel() == batch:
-            id_col = ids.to(device).long().repeat_interleave(per_sample)
-        rows = torch.cat([id_col[:, None], position[:, None], label_col[:, None],
-                          record.experts.reshape(n, -1).long(), record.kept.reshape(n, -1).long()], dim=1)
-        self._rows[name].append(rows)
+            id_col = ids.cpu().long().repeat_interleave(per_sample)
+        rows = torch.cat([id_col[:, None], torch.full((n, 1), call), position[:, None], label_col[:, None],
+                          record.experts.reshape(n, -1).cpu().long(), record.kept.reshape(n, -1).cpu().long()],
+                         dim=1)
+        self._rows[name].append(rows)  # on the CPU: an epoch of tokens should not hold accelerator memory
         self._tokens[name] += n
 
     def _token_labels(self, name: str, labels: torch.Tensor, lead: torch.Size, default: torch.Tensor) -> torch.Tensor:
@@ -435,8 +440,9 @@ class RoutingMonitor(Callback):
         if not bool(with_id.any()):
             return rows
         keyed = rows[with_id]
-        span = int(keyed[:, _POS].max()) + 1
-        _, kept = dedupe_by_id(keyed[:, _ID] * span + keyed[:, _POS], keyed)
+        calls, positions = int(keyed[:, _CALL].max()) + 1, int(keyed[:, _POS].max()) + 1
+        key = (keyed[:, _ID] * calls + keyed[:, _CALL]) * positions + keyed[:, _POS]
+        _, kept = dedupe_by_id(key, keyed)
         return torch.cat([kept, rows[~with_id]])
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -20,7 +20,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -771,7 +771,9 @@ class ExpertAblation:
     support: torch.Tensor
 
 
-def ablation_accuracy(predictions: torch.Tensor, targets: torch.Tensor, num_classes: Optional[int] = None) -> ExpertAblation:
+def ablation_accuracy(
+    predictions: torch.Tensor, targets: torch.Tensor, num_classes: Optional[int] = None
+) -> ExpertAblation:
     """Turn :func:`ablation_predictions` (rows: unablated, then one per masked expert) into per-class accuracies.
 
     Example:

@@ -147,7 +147,9 @@ def bind(label: str, spec: Any, model: nn.Module, clone: nn.Module, memo: dict[i
         return BoundMethod(label, method, None, clone)
     if isinstance(spec, tuple):
         if len(spec) != 2 or not isinstance(spec[0], str) or not isinstance(spec[1], Mapping):
-            raise TypeError(f"methods: a tuple must be (name, kwargs), e.g. ('smoothgrad', {{'n_samples': 20}}), got {spec!r}")
+            raise TypeError(
+                f"methods: a tuple must be (name, kwargs), e.g. ('smoothgrad', {{'n_samples': 20}}), got {spec!r}"
+            )
         return BoundMethod(label, get_method(spec[0], clone, **dict(spec[1])), None, clone)
     if hasattr(spec, "attribute"):
         bound_to = getattr(spec, "model", None)
@@ -200,13 +202,31 @@ def median(t: torch.Tensor) -> float:
     return float(t.nanmedian()) if torch.isfinite(t).any() else math.nan
 
 
+def floor_partners(target: Optional[torch.Tensor], batch: int) -> torch.Tensor:
+    """For every example, the index of the example it is compared with for the floor: the next one (cyclically)
+    whose target class differs, so the floor measures unrelated maps rather than two maps of the same class; the
+    next one when every example has the same class."""
+    partners = torch.arange(1, batch + 1) % batch
+    if target is None or target.dim() != 1 or target.shape[0] != batch:
+        return partners
+    labels = target.detach().cpu().tolist()
+    for i in range(batch):
+        for step in range(1, batch):
+            j = (i + step) % batch
+            if labels[j] != labels[i]:
+                partners[i] = j
+                break
+    return partners
+
+
 @dataclass
 class Reference:
     """A method's maps on the unmodified model, prepared for comparisons, with the floor and ceiling controls.
 
-    ``floor``: median similarity of the maps of example ``i`` and example ``i - 1`` (different inputs, same model);
-    ``nan`` with a single example. ``ceiling``: 1 for a deterministic method; for one with a ``seed`` attribute, the
-    median similarity with a re-run under another seed.
+    ``floor``: median similarity of the maps of two different inputs under the same model, each example paired with
+    the next one explaining another class (see :func:`floor_partners`); ``nan`` with a single example.
+    ``ceiling``: 1 for a deterministic method; for one with a ``seed`` attribute, the median similarity with a
+    re-run under another seed.
     """
 
     method: BoundMethod
@@ -222,7 +242,8 @@ class Reference:
         metrics = similarity.applicable(maps.shape)
         prepared = similarity.prepare(maps, metrics)
         if inputs.shape[0] > 1:
-            floor = {k: median(v) for k, v in similarity.compare(prepared, prepared.roll(1), metrics).items()}
+            partners = floor_partners(target, inputs.shape[0])
+            floor = {k: median(v) for k, v in similarity.compare(prepared, prepared.take(partners), metrics).items()}
         else:
             floor = {k: math.nan for k in metrics}
         ceiling = {k: 1.0 for k in metrics}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -264,7 +265,10 @@ def data_randomization_test(
                     "limit_val_batches": 0, **(trainer_kwargs or {})}
         trainer = Trainer(**settings)
         twin.train()
-        trainer.fit(twin, train_dataloaders=loader)
+        with warnings.catch_warnings():
+            # expected here: the twin has no validation data on purpose
+            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+            trainer.fit(twin, train_dataloaders=loader)
         epochs = int(trainer.current_epoch)
         twin._trainer = None  # do not keep the fitting Trainer (and its data) alive through the report
         random_model, _ = private_copy(twin)
@@ -293,7 +297,9 @@ def _trainable_copy(module: nn.Module) -> nn.Module:
     try:
         return copy.deepcopy(module)
     except Exception as err:
-        raise TypeError(f"module: copy.deepcopy failed ({err}); the data randomization test trains a deep copy") from err
+        raise TypeError(
+            f"module: copy.deepcopy failed ({err}); the data randomization test trains a deep copy of it"
+        ) from err
 
 
 def _accuracy(model: nn.Module, dataset: PermutedLabels, accessor: BatchAccessor, batch_size: int, limit: int,

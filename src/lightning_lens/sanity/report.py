@@ -4,8 +4,8 @@
 show that raw similarities can be gamed (noise "passes"), so a verdict is only given *relative to controls* computed
 in the same run, for the same method and metric:
 
-* the **floor** ``f``: the median similarity between the original maps of two *different* inputs (example ``i``
-  paired with example ``i - 1``), i.e. how alike two unrelated maps of this method already are;
+* the **floor** ``f``: the median similarity between the original maps of two *different* inputs (each example
+  paired with the next one of another class), i.e. how alike two unrelated maps of this method already are;
 * the **ceiling** ``c``: 1 for a deterministic method; for a stochastic one (a method with a ``seed`` attribute) the
   median similarity between its original maps and a re-run with another seed, i.e. how alike two maps of the *same*
   input and model are.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -339,8 +338,3 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return v.tolist()
     return v
-
-
-def stack_stage_similarities(stages: Sequence[dict[str, torch.Tensor]], metrics: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``[{metric: (B,)}] * S`` -> ``{metric: (S, B)}`` (float32, CPU)."""
-    return {m: torch.stack([s[m].detach().float().cpu() for s in stages]) for m in metrics}

@@ -60,7 +60,8 @@ class SliceFinder:
     - if ``drop_explained``: a parent is dropped when a reported child explains it (the parent minus the child is no
       longer significantly worse, by ``min_gap``, than the data outside the parent), and a slice partly overlapping
       better-ranked ones is dropped when its part outside them no longer is (against the data outside all of them),
-    - a slice whose members overlap a better-ranked one with Jaccard > ``max_jaccard`` is dropped.
+    - a slice whose members overlap a better-ranked one with Jaccard > ``max_jaccard`` is dropped (a cluster that
+      near-duplicates a metadata slice always gives way to the named slice).
 
     These follow-up tests are held to the bar of the slice's own test (its p-value times the factor the step-up
     correction applied to it), so they do not escape the multiplicity correction. The overlap rules apply across kinds,
@@ -331,11 +332,11 @@ class SliceFinder:
                                                        st["factor"])
         emb_ok = m_meta + np.flatnonzero(ok[m_meta:])
 
-        # ---- near-duplicates and overlaps, strongest SliceLine score first, whatever the kind
-        candidates = np.concatenate([meta_ok, emb_ok]).astype(np.int64)
-        candidates = candidates[np.argsort(-st["score"][candidates], kind="stable")]
-        kept: list[tuple[int, np.ndarray]] = []
-        for idx in candidates:
+        # ---- near-duplicates: named slices first (a cluster that repeats a metadata slice adds nothing readable)
+        meta_ok = meta_ok[np.argsort(-st["score"][meta_ok], kind="stable")]
+        emb_ok = emb_ok[np.argsort(-st["score"][emb_ok], kind="stable")]
+        distinct: list[tuple[int, np.ndarray]] = []
+        for idx in np.concatenate([meta_ok, emb_ok]).astype(np.int64):
             if idx < m_meta:
                 feats = cands.features[idx][cands.features[idx] >= 0]
                 mask = np.ones(n, dtype=bool)
@@ -343,12 +344,17 @@ class SliceFinder:
                     mask &= codes[cands.attributes[cands.feature_attr[f]]] == cands.feature_code[f]
             else:
                 mask = cluster_labels == cluster_ids[idx - m_meta]
-            if any(_jaccard(mask, other) > self.max_jaccard for _, other in kept):
-                continue
+            if not any(_jaccard(mask, other) > self.max_jaccard for _, other in distinct):
+                distinct.append((int(idx), mask))
+        # ---- overlaps, strongest SliceLine score first whatever the kind (a tight cluster can explain away the
+        # diluted metadata slices it straddles, and vice versa)
+        distinct.sort(key=lambda item: -st["score"][item[0]])
+        kept: list[tuple[int, np.ndarray]] = []
+        for idx, mask in distinct:
             if self.drop_explained and not self._survives_overlaps(mask, [m for _, m in kept], measure, mode,
                                                                    float(st["factor"][idx])):
                 continue
-            kept.append((int(idx), mask))
+            kept.append((idx, mask))
 
         # ---- order: metadata slices by score, then clusters by errors x error rate
         kept_meta = [k for k in kept if k[0] < m_meta]
