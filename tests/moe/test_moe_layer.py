@@ -164,7 +164,7 @@ def test_balance_loss_uses_clean_probabilities_and_noisy_assignments():
     with layer.recording():
         layer(x)
     record = layer.last_routing
-    clean = torch.softmax(x @ layer.router.weight.t(), dim=1)
+    clean = torch.softmax(x @ layer.router.weight.detach().t(), dim=1)
     assert not torch.allclose(record.probs, clean)
     share = torch.bincount(record.experts.reshape(-1), minlength=4).float() / 128
     assert layer.balance_loss.item() == pytest.approx(4 * float((share * clean.mean(0)).sum()), rel=1e-5)

@@ -201,3 +201,32 @@ def test_ddp_two_processes_find_the_same_slices_as_one(tmp_path):
     assert one["n_samples"] == two["n_samples"] == 1001  # the sample the DistributedSampler repeated is dropped
     assert two["slices"] and two["slices"][0]["name"] == PLANTED
     assert two == one
+
+
+def test_binary_logits_from_a_dict_output(tmp_path):
+    class ZeroVsRest(torch.utils.data.Dataset):
+        def __init__(self):
+            self.base = script.PlantedImages()
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            item = self.base[i]
+            return dict(item, label=int(item["label"] == 0))
+
+    class PixelZero(script.PixelReader):
+        def forward(self, x):
+            return 10 * (x.flatten(1)[:, 0] - 0.5)  # (B,) binary logits: "class 0 is shown"
+
+        def validation_step(self, batch, batch_idx):
+            return {"logits": self(batch["image"])}
+
+    cb = SubgroupErrorSlices(min_support=20)
+    _trainer(tmp_path, [cb]).validate(PixelZero(), DataLoader(ZeroVsRest(), batch_size=64))
+    assert cb.last_slices[0].name == PLANTED
+    data = ZeroVsRest()
+    preds = np.array([float(data[i]["image"][0, 0, 0]) > 0.5 for i in range(len(data))])
+    truth = np.array([data[i]["label"] for i in range(len(data))]) == 1
+    assert cb.last_result["worst_accuracy"] == pytest.approx(cb.last_slices[0].accuracy)
+    assert cb.last_slices[0].accuracy == pytest.approx((preds == truth)[data.base.planted].mean())

@@ -114,3 +114,24 @@ def test_probe_set_is_stable_balanced_and_leaves_global_rng():
     assert torch.equal(c.inputs, a.inputs) and torch.equal(c.targets, a.targets)
     with pytest.raises(ValueError, match="empty"):
         ProbeSet.from_batches([], num=2)
+
+
+def test_resolve_target_under_inference_mode_is_a_normal_tensor():
+    with torch.inference_mode():
+        out = resolve_target(torch.tensor([1, 0]), torch.zeros(2, 3))
+    assert not out.is_inference()
+
+
+def test_execution_order_leaves_caller_input_alone():
+    class Inplace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            x.mul_(0)
+            return self.lin(x)
+
+    x = torch.ones(1, 2)
+    modules_in_execution_order(Inplace(), x)
+    assert torch.equal(x, torch.ones(1, 2))

@@ -11,6 +11,7 @@ Methods (registry name, class, reference):
 - ``guided_backprop``: :class:`GuidedBackprop` (Springenberg et al., 2015)
 - ``deconvnet``: :class:`Deconvnet` (Zeiler and Fergus, 2014)
 - ``gradcam``: :class:`GradCAM` (Selvaraju et al., 2017)
+- ``hirescam``: :class:`HiResCAM` (Draelos & Carin, 2020)
 - ``guided_gradcam``: :class:`GuidedGradCAM` (Selvaraju et al., 2017)
 - ``occlusion``: :class:`Occlusion` (Zeiler and Fergus, 2014)
 - ``edge``: :class:`EdgeDetector`, a model-independent control (Adebayo et al., 2018)
@@ -30,12 +31,18 @@ Example:
 
 from lightning_lens.attribution.base import Attribution, input_gradients
 from lightning_lens.attribution.controls import EdgeDetector, RandomMap
-from lightning_lens.attribution.gradcam import GradCAM, GuidedGradCAM
+from lightning_lens.attribution.gradcam import GradCAM, GuidedGradCAM, HiResCAM
 from lightning_lens.attribution.gradient import Gradient, GradientXInput
 from lightning_lens.attribution.guided import Deconvnet, GuidedBackprop, ReLURule
 from lightning_lens.attribution.integrated_gradients import IntegratedGradients
 from lightning_lens.attribution.occlusion import Occlusion
-from lightning_lens.attribution.registry import available_methods, get_method, register_method
+from lightning_lens.attribution.registry import (
+    available_methods,
+    canonical_name,
+    get_method,
+    register_method,
+    registered_name,
+)
 from lightning_lens.attribution.smoothgrad import SmoothGrad, VarGrad
 
 __all__ = [
@@ -47,6 +54,7 @@ __all__ = [
     "GradientXInput",
     "GuidedBackprop",
     "GuidedGradCAM",
+    "HiResCAM",
     "IntegratedGradients",
     "Occlusion",
     "RandomMap",
@@ -54,7 +62,9 @@ __all__ = [
     "SmoothGrad",
     "VarGrad",
     "available_methods",
+    "canonical_name",
     "get_method",
     "input_gradients",
     "register_method",
+    "registered_name",
 ]

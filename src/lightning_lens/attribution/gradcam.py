@@ -36,7 +36,7 @@ def last_spatial_layer(model: nn.Module, inputs: torch.Tensor) -> tuple[str, nn.
             if module is not model:
                 handles.append(module.register_forward_hook(make_hook(name)))
         with preserve_modes(model, mode=False), torch.no_grad():
-            model(inputs)
+            model(inputs.detach().clone())  # a copy: the model may modify its input in place
     finally:
         for h in handles:
             h.remove()
@@ -160,8 +160,7 @@ class GradCAM(Attribution):
             )
         activation = activation.detach()
         spatial_dims = tuple(range(2, activation.dim()))
-        alpha = grads.mean(dim=spatial_dims, keepdim=True)
-        cam = (alpha * activation).sum(dim=1, keepdim=True)
+        cam = self.combine(grads, activation)
         if self.relu:
             cam = cam.clamp(min=0)
         if upsample:
@@ -173,6 +172,34 @@ class GradCAM(Attribution):
                 )
             cam = F.interpolate(cam, size=tuple(size), mode=_INTERPOLATION[len(size)], align_corners=False)
         return cam, resolved
+
+
+    def combine(self, grads: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+        """``sum_k alpha_k A^k`` with ``alpha_k`` the spatial mean of the gradient (the Grad-CAM weighting)."""
+        alpha = grads.mean(dim=tuple(range(2, grads.dim())), keepdim=True)
+        return (alpha * activation).sum(dim=1, keepdim=True)
+
+
+class HiResCAM(GradCAM):
+    """HiResCAM: ``ReLU(sum_k dS_c/dA^k * A^k)``, the gradient times the activation element-wise, summed over channels.
+
+    Draelos & Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of convolutional neural networks",
+    2020. Grad-CAM averages each channel's gradient over space, so a channel that responds to a small region and to
+    a large one spreads its weight over both; HiResCAM keeps the gradient's location, and for a model whose head is
+    linear on the flattened layer output its map sums exactly to the target score (before the ReLU). Arguments and
+    output as :class:`GradCAM`.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                             torch.nn.Linear(72, 3))
+        >>> HiResCAM(model).attribute(torch.randn(2, 1, 8, 8), target=0).shape
+        torch.Size([2, 1, 8, 8])
+    """
+
+    name = "hirescam"
+
+    def combine(self, grads: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+        return (grads * activation).sum(dim=1, keepdim=True)
 
 
 class GuidedGradCAM(Attribution):

@@ -144,7 +144,7 @@ class Occlusion(Attribution):
                     ) from None
             else:
                 fill = torch.full_like(x, float(base))
-            logits = forward_logits(self.model, x)
+            logits = forward_logits(self.model, x.clone())  # the model may modify its input in place
             resolved = resolve_target(target, logits)
             clean = target_scores(logits, resolved)
             windows = [

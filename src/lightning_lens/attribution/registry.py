@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_lens.attribution.base import Attribution
 from lightning_lens.attribution.controls import EdgeDetector, RandomMap
-from lightning_lens.attribution.gradcam import GradCAM, GuidedGradCAM
+from lightning_lens.attribution.gradcam import GradCAM, GuidedGradCAM, HiResCAM
 from lightning_lens.attribution.gradient import Gradient, GradientXInput
 from lightning_lens.attribution.guided import Deconvnet, GuidedBackprop
 from lightning_lens.attribution.integrated_gradients import IntegratedGradients
@@ -28,6 +28,7 @@ _REGISTRY: dict[str, Factory] = {
     "guided_backprop": GuidedBackprop,
     "deconvnet": Deconvnet,
     "gradcam": GradCAM,
+    "hirescam": HiResCAM,
     "guided_gradcam": GuidedGradCAM,
     "occlusion": Occlusion,
     "edge": EdgeDetector,
@@ -43,6 +44,7 @@ _ALIASES = {
     "guided_backpropagation": "guided_backprop",
     "deconvolution": "deconvnet",
     "grad_cam": "gradcam",
+    "hires_cam": "hirescam",
     "guided_grad_cam": "guided_gradcam",
     "edge_detector": "edge",
     "sobel": "edge",
@@ -50,9 +52,28 @@ _ALIASES = {
 }
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """The registry spelling of a method name: lower case, aliases resolved (``"IG"`` -> ``"integrated_gradients"``).
+
+    Example:
+        >>> canonical_name("Saliency")
+        'gradient'
+    """
     key = name.strip().lower().replace("-", "_").replace(" ", "_")
     return _ALIASES.get(key, key)
+
+
+def registered_name(factory: Any) -> Optional[str]:
+    """The name a class (or other factory) is registered under, or None.
+
+    Example:
+        >>> registered_name(SmoothGrad)
+        'smoothgrad'
+    """
+    return next((key for key, f in _REGISTRY.items() if f is factory), None)
+
+
+_canonical = canonical_name
 
 
 def available_methods() -> list[str]:

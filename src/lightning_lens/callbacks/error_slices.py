@@ -43,7 +43,8 @@ class SubgroupErrorSlices(Callback):
     - ``<prefix>/worst_examples``: a grid of the worst slice's misclassified examples (when inputs are images);
     - ``<prefix>/all``: a JSON artifact of every reported slice with its member ids and statistics.
 
-    **No extra forward pass** when ``validation_step`` returns the logits (a tensor, or a dict with ``logits_key``);
+    **No extra forward pass** when ``validation_step`` returns the logits (a ``(B, C)`` tensor, or a dict with
+    ``logits_key``, which may also hold ``(B,)`` binary logits);
     otherwise the callback runs one no-grad forward per batch in eval mode and warns once. Embeddings come from a
     forward hook on ``embedding_layer``, registered only while a validation batch runs and removed right after
     (also on exceptions and at teardown); outputs with spatial dimensions are average-pooled to ``(B, C)``.
@@ -55,9 +56,10 @@ class SubgroupErrorSlices(Callback):
     ``worst_accuracy`` and keeps the same state. Without an index key, ids are positions in the (unshuffled) order a
     ``DistributedSampler`` interleaves, which is exact only for ``shuffle=False`` validation loaders.
 
-    **Images of the worst slice** are re-read from the validation dataset by id when ids are dataset indices of a
-    map-style dataset; otherwise they come from a reservoir of at most ``max_stored_inputs`` misclassified inputs
-    kept per rank during the epoch (under DDP, rank zero's own).
+    **Images of the worst slice** are re-read from the validation dataset by id when ids are positions in a map-style
+    dataset (checked: the item read back must carry the same id); otherwise they come from a reservoir of at most
+    ``max_stored_inputs`` misclassified inputs kept per rank during the epoch (under DDP, rank zero's own).
+    Results (``last_slices``) live on rank zero; every rank gets ``last_result`` and the tracked state.
 
     **Metadata**: the tensor/list fields of dict batches (or ``metadata_keys``) plus whatever ``metadata_fn(batch)``
     returns. The binning (quantile bins, top categories) is fitted at the first analysed epoch and frozen, and stored
@@ -123,7 +125,9 @@ class SubgroupErrorSlices(Callback):
         if metadata_fn is not None and not callable(metadata_fn):
             raise TypeError(f"metadata_fn must be a callable batch -> dict, got {type(metadata_fn).__name__}")
         if embedding_layer is not None and not isinstance(embedding_layer, (str, nn.Module)):
-            raise TypeError(f"embedding_layer must be a module name or an nn.Module, got {type(embedding_layer).__name__}")
+            raise TypeError(
+                f"embedding_layer must be a module name or an nn.Module, got {type(embedding_layer).__name__}"
+            )
         if not isinstance(log_prefix, str) or not log_prefix:
             raise ValueError(f"log_prefix must be a non-empty string, got {log_prefix!r}")
         if "time_budget" in finder_kwargs:
@@ -194,9 +198,16 @@ class SubgroupErrorSlices(Callback):
         data = self._gathered(trainer)
         result = None
         if trainer.is_global_zero:
-            result = self._analyse(trainer, data)
+            try:
+                result = self._analyse(trainer, data)
+            except Exception as err:  # other ranks wait in the broadcast below: tell them instead of hanging
+                if trainer.world_size <= 1:
+                    raise
+                result = {"error": f"{type(err).__name__}: {err}"}
         if trainer.world_size > 1:
             result = trainer.strategy.broadcast(result, src=0)
+        if "error" in result:
+            raise RuntimeError(f"SubgroupErrorSlices failed on rank 0: {result['error']}")
         self.tracked = result["tracked"]
         self.finder.load_state_dict(result["finder"])
         self.last_result = {k: v for k, v in result.items() if k not in ("tracked", "finder")}
@@ -240,7 +251,8 @@ class SubgroupErrorSlices(Callback):
             self._hook = None
 
     def _logits(self, pl_module: "pl.LightningModule", outputs: Any, inputs: torch.Tensor) -> torch.Tensor:
-        if isinstance(outputs, torch.Tensor) and outputs.dim() >= 1 and outputs.shape[0] == inputs.shape[0]:
+        # A bare tensor counts as logits only when it is (B, C): a (B,) tensor could as well be per-sample losses.
+        if isinstance(outputs, torch.Tensor) and outputs.dim() == 2 and outputs.shape[0] == inputs.shape[0]:
             return outputs.detach()
         if isinstance(outputs, Mapping) and isinstance(outputs.get(self.logits_key), torch.Tensor):
             return outputs[self.logits_key].detach()
@@ -274,7 +286,9 @@ class SubgroupErrorSlices(Callback):
             prob = logits.softmax(dim=1)
             conf, pred = prob.max(dim=1)
         else:
-            raise ValueError(f"SubgroupErrorSlices needs classification logits (B, C) or (B,), got {tuple(logits.shape)}")
+            raise ValueError(
+                f"SubgroupErrorSlices needs classification logits (B, C) or (B,), got {tuple(logits.shape)}"
+            )
         ids = self.accessor.indices(batch)
         if ids is None:
             self._ids_from_batch = False
@@ -310,7 +324,9 @@ class SubgroupErrorSlices(Callback):
         if self.metadata_fn is not None:
             extra = self.metadata_fn(batch)
             if not isinstance(extra, Mapping):
-                raise TypeError(f"metadata_fn must return a dict of name -> per-sample values, got {type(extra).__name__}")
+                raise TypeError(
+                    f"metadata_fn must return a dict of name -> per-sample values, got {type(extra).__name__}"
+                )
             meta.update(extra)
         out = {}
         for k, v in meta.items():
@@ -395,8 +411,8 @@ class SubgroupErrorSlices(Callback):
                          None if s.mean_loss is None else round(s.mean_loss, 4), f"{s.q_value:.2g}",
                          round(s.score, 3), first])
         if not rows:
-            rows.append(["-", f"no slice with q <= {self.finder.alpha} and gap >= {self.finder.min_gap}", "", len(errors),
-                         "100%", round(accuracy, 4), "", "", "", "", "", "", "", ""])
+            none = f"no slice with q <= {self.finder.alpha} and gap >= {self.finder.min_gap}"
+            rows.append(["-", none, "", len(errors), "100%", round(accuracy, 4), "", "", "", "", "", "", "", ""])
         log_table(trainer, f"{self.log_prefix}/top", _TABLE_COLUMNS, rows, step=step)
         log_json(trainer, f"{self.log_prefix}/all", {
             "epoch": epoch, "global_step": step, "n_samples": int(errors.size), "overall_accuracy": accuracy,
@@ -471,12 +487,13 @@ class SubgroupErrorSlices(Callback):
             try:
                 out = []
                 for i in wanted[: self.num_images]:
-                    x = self.accessor.inputs(_batchify(dataset[i]))[0]
-                    out.append((i, x.detach().cpu().float()))
-                if self._reservoir and out and out[0][1].shape != self._reservoir[0][1].shape:
-                    raise ValueError("dataset items do not match the batches' inputs")
+                    item = _batchify(dataset[i])
+                    index = self.accessor.indices(item)
+                    if index is None or int(index.reshape(-1)[0]) != i:
+                        raise LookupError("the item's own id differs: ids are not positions in the dataset")
+                    out.append((i, self.accessor.inputs(item)[0].detach().cpu().float()))
                 return out
-            except Exception:  # ids are not dataset positions, or items are not indexable like batches
+            except Exception:  # not indexable by id, or items unlike batches: use the reservoir
                 pass
         stored = dict(self._reservoir)
         return [(i, stored[i]) for i in wanted if i in stored]

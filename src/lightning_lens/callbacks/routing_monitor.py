@@ -218,8 +218,8 @@ class RoutingMonitor(Callback):
     def _make_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self._in_batch and module.last_routing is not None:
-                self._pending.append((name, module.last_routing, float(module.balance_loss),
-                                      float(module.z_loss)))
+                self._pending.append((name, module.last_routing, float(module.balance_loss.detach()),
+                                      float(module.z_loss.detach())))
         return hook
 
     def _stop(self) -> None:

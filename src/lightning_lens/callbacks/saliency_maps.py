@@ -517,13 +517,13 @@ def _check_methods(methods: Any) -> list[tuple[str, Any]]:
     if len(methods) == 0:
         raise ValueError("methods is empty; name at least one attribution method, e.g. methods=['gradient']")
     from lightning_lens.attribution import available_methods
-    from lightning_lens.attribution.registry import _canonical
+    from lightning_lens.attribution import canonical_name
 
     known = available_methods()
     specs: list[tuple[str, Any]] = []
     for i, spec in enumerate(methods):
         if isinstance(spec, str):
-            name = _canonical(spec)  # aliases ("ig", "saliency") log under the registry name
+            name = canonical_name(spec)  # aliases ("ig", "saliency") log under the registry name
             if name not in known:
                 raise ValueError(f"methods[{i}]={spec!r} is not a known attribution method; available: {known}")
             spec = name
@@ -559,9 +559,9 @@ def _factory_name(spec: Any) -> Optional[str]:
     name = getattr(cls, "name", None)
     if isinstance(name, str) and name:
         return name
-    from lightning_lens.attribution.registry import _REGISTRY
+    from lightning_lens.attribution import registered_name
 
-    return next((key for key, factory in _REGISTRY.items() if cls is not None and factory is cls), None)
+    return registered_name(cls) if cls is not None else None
 
 
 def _check_method_kwargs(method_kwargs: Any, specs: list[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -571,19 +571,19 @@ def _check_method_kwargs(method_kwargs: Any, specs: list[tuple[str, Any]]) -> di
         raise TypeError(
             f"method_kwargs must be a dict of method name -> dict of keyword arguments, got {method_kwargs!r}"
         )
-    from lightning_lens.attribution.registry import _canonical
+    from lightning_lens.attribution import canonical_name
 
     named = [name for name, spec in specs if isinstance(spec, str)]
     out: dict[str, dict[str, Any]] = {}
     for key, kwargs in method_kwargs.items():
-        if not isinstance(key, str) or _canonical(key) not in named:
+        if not isinstance(key, str) or canonical_name(key) not in named:
             raise ValueError(
                 f"method_kwargs has an entry for {key!r}, which is not among the methods given by name ({named});"
                 " configure method objects directly instead"
             )
         if not isinstance(kwargs, Mapping):
             raise TypeError(f"method_kwargs[{key!r}] must be a dict of keyword arguments, got {kwargs!r}")
-        out[_canonical(key)] = dict(kwargs)
+        out[canonical_name(key)] = dict(kwargs)
     return out
 
 

@@ -119,13 +119,14 @@ def _weight(value: Any, name: str) -> float:
 class MixtureOfExperts(nn.Module):
     """A sparsely-gated mixture-of-experts layer with top-k routing whose every decision can be inspected.
 
-    Each token (a row of a ``(B, D)`` input, or a position of a ``(B, T, D)`` input) is sent to ``k`` of
-    ``num_experts`` experts; the output is the gate-weighted sum of their outputs.
+    Each token (a row of a ``(B, D)`` input, or a position of a ``(B, T, D)`` input; any ``(..., D)`` works) is sent
+    to ``k`` of ``num_experts`` experts; the output is the gate-weighted sum of their outputs. Under DDP each rank
+    routes, counts and computes the auxiliary losses on its own tokens.
 
     **Gating.** A linear router (fp32, no bias) gives logits ``xW_g``. With ``noisy_gating`` (Shazeer et al. 2017)
     the routing logits in training are ``H(x) = xW_g + eps * softplus(xW_noise)``, ``eps ~ N(0, 1)`` drawn from the
-    layer's private generator (seeded by ``noise_seed``; saved in the state dict; the global RNG is never drawn
-    during forward). In eval, and with ``noisy_gating=False``, ``H(x) = xW_g`` (plain softmax top-k). The top-k of
+    layer's private CPU generator (seeded by ``noise_seed``, saved in the state dict, moved to the input's device;
+    the global RNG is never drawn during forward). In eval, and with ``noisy_gating=False``, ``H(x) = xW_g`` (plain softmax top-k). The top-k of
     ``H`` are chosen. With ``normalize_gates`` the gates are the router probabilities renormalized over the top-k
     (``softmax`` of the k chosen logits, as in Shazeer et al.); without it they are the full-softmax probabilities of
     the chosen experts (Switch). Default: renormalize when ``k > 1``; for ``k = 1`` keep the raw probability so the
@@ -143,7 +144,8 @@ class MixtureOfExperts(nn.Module):
       :func:`moe_aux_loss(model) <moe_aux_loss>` for all layers of a model. Only the last call of the layer is kept.
 
     **Dispatch.** ``"sorted"`` (default): assignments are sorted by expert, each expert runs once on its own tokens,
-    and results are combined with ``index_add`` (dropless unless a capacity is set). ``"dense"``: every expert runs on
+    and results are combined with ``index_add`` (dropless unless a capacity is set; on the CPU the same sum runs as
+    ``index_put_(accumulate=True)``, whose kernel is faster there). ``"dense"``: every expert runs on
     every token and the results are masked by the gates: the reference, with the same outputs and gradients, at
     ``E/k`` times the cost. ``forward(x, dense=True)`` picks the dense path for one call.
 

@@ -257,8 +257,14 @@ def data_randomization_test(
             generator = torch.Generator().manual_seed(seed)
             for layer in find_layers(twin, x.to(next(twin.parameters()).device))[0]:
                 reinitialize_(layer, generator, batchnorm="reset")
-        loader_args = {"batch_size": batch_size, "shuffle": True,
-                       "generator": torch.Generator().manual_seed(seed), **(dataloader_kwargs or {})}
+        user_args = dict(dataloader_kwargs or {})
+        if "batch_sampler" in user_args:
+            loader_args = user_args
+        elif "sampler" in user_args:
+            loader_args = {"batch_size": batch_size, **user_args}
+        else:
+            loader_args = {"batch_size": batch_size, "shuffle": True,
+                           "generator": torch.Generator().manual_seed(seed), **user_args}
         loader = DataLoader(permuted, **loader_args)
         settings = {"max_epochs": max_epochs, "devices": 1, "logger": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
@@ -304,7 +310,8 @@ def _trainable_copy(module: nn.Module) -> nn.Module:
 
 def _accuracy(model: nn.Module, dataset: PermutedLabels, accessor: BatchAccessor, batch_size: int, limit: int,
               loader_args: dict[str, Any], device: torch.device, seed: int) -> float:
-    args = {k: v for k, v in loader_args.items() if k not in ("shuffle", "generator", "sampler", "batch_sampler")}
+    args = {k: v for k, v in loader_args.items()
+            if k not in ("shuffle", "generator", "sampler", "batch_sampler", "drop_last")}
     # a generator of our own: a DataLoader without one draws its workers' base seed from the global RNG
     args.update(batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
     correct = seen = 0

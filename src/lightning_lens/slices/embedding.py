@@ -114,7 +114,14 @@ def _as_matrix(embeddings: Any) -> np.ndarray:
 def cluster_embeddings(
     z: np.ndarray, n_clusters: int, method: str = "kmeans", seed: int = 0
 ) -> np.ndarray:
-    """Cluster labels ``(n,)`` from scikit-learn's ``KMeans`` or a diagonal ``GaussianMixture``, seeded."""
+    """Cluster labels ``(n,)`` from scikit-learn's ``KMeans`` or a diagonal ``GaussianMixture``, seeded.
+
+    Example:
+        >>> z = np.concatenate([np.zeros((5, 2)), np.ones((5, 2)) * 10])
+        >>> labels = cluster_embeddings(z, 2)
+        >>> len(set(labels[:5])), len(set(labels[5:])), labels[0] != labels[5]
+        (1, 1, np.True_)
+    """
     if method not in ("kmeans", "gmm"):
         raise ValueError(f"cluster_method must be 'kmeans' or 'gmm', got {method!r}")
     n = z.shape[0]
@@ -146,6 +153,12 @@ def describe_clusters(
 
     A value qualifies when its share in the cluster is at least ``min_lift`` times its share overall and a one-sided
     hypergeometric (Fisher) test of enrichment gives ``p <= max_p``; the ``max_terms`` with the largest share are kept.
+
+    Example:
+        >>> labels = np.repeat([0, 1], 50)
+        >>> codes = {"site": np.r_[np.zeros(50, int), np.ones(50, int)]}
+        >>> describe_clusters(labels, codes, {"site": ["site=a", "site=b"]})[1][0]["text"]
+        'site=b'
     """
     n = labels.size
     out: dict[int, list[dict[str, Any]]] = {}

@@ -69,6 +69,10 @@ def gap_upper_bound(size_ub, err_ub, max_err, total_err: float, n: int, min_supp
 
     The gap rises with |S| while S can be all errors and falls after, so it peaks at
     ``|S| = clip(err_ub / max_err, min_support, size_ub)`` (SliceLine evaluates its score bound at the same sizes).
+
+    Example:
+        >>> round(float(gap_upper_bound(100, 5, 1.0, total_err=100, n=1000, min_support=30)), 6)  # 5/30 - 95/970
+        0.068729
     """
     s_ub = np.asarray(size_ub, dtype=np.float64)
     e_ub = np.asarray(err_ub, dtype=np.float64)
@@ -163,6 +167,12 @@ def enumerate_slices(
         need_squares: also sum ``measure ** 2`` (loss-based slices need variances).
         deadline: ``time.perf_counter()`` value after which no deeper level is started.
         max_candidates: stop before a level that would hold more children than this (with a warning).
+
+    Example:
+        >>> codes = {"a": np.array([0, 0, 1, 1]), "b": np.array([0, 1, 0, 1])}
+        >>> c = enumerate_slices(codes, {"a": 2, "b": 2}, np.array([1.0, 0, 0, 0]), min_support=1, min_gap=0.0)
+        >>> c.features.tolist(), c.size.tolist(), c.err_sum.tolist()
+        ([[0, -1], [1, -1], [2, -1], [3, -1], [0, 2]], [2.0, 2.0, 2.0, 2.0, 1.0], [1.0, 0.0, 1.0, 0.0, 1.0])
     """
     attributes = list(codes)
     n = int(measure.size)
@@ -182,8 +192,10 @@ def enumerate_slices(
     fids = np.stack(code_list, axis=1) + offsets[None, :]
     size1 = np.bincount(fids.ravel(), minlength=F).astype(np.float64)
     err1 = np.bincount(fids.ravel(), weights=np.repeat(e, len(attributes)), minlength=F)
-    loss1 = np.bincount(fids.ravel(), weights=np.repeat(losses, len(attributes)), minlength=F) if losses is not None else None
-    sq1 = np.bincount(fids.ravel(), weights=np.repeat(e * e, len(attributes)), minlength=F) if need_squares else None
+    flat = fids.ravel()
+    m = len(attributes)
+    loss1 = np.bincount(flat, weights=np.repeat(losses, m), minlength=F) if losses is not None else None
+    sq1 = np.bincount(flat, weights=np.repeat(e * e, m), minlength=F) if need_squares else None
 
     tested1 = (size1 >= min_support) & (size1 < n)
     feats_out = [np.flatnonzero(tested1)[:, None]]
@@ -191,7 +203,8 @@ def enumerate_slices(
                   None if sq1 is None else sq1[tested1])]
 
     def expandable(size: np.ndarray, err: np.ndarray) -> np.ndarray:
-        return (size >= min_support) & (size < n) & (gap_upper_bound(size, err, max_e, total, n, min_support) >= min_gap)
+        bound = gap_upper_bound(size, err, max_e, total, n, min_support)
+        return (size >= min_support) & (size < n) & (bound >= min_gap)
 
     feat_ok = np.zeros(F, dtype=bool)
     feat_ok[tested1] = expandable(size1[tested1], err1[tested1])

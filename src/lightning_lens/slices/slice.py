@@ -69,6 +69,15 @@ class Slice:
         description: for embedding slices, the over-represented metadata values (``text``, ``share``, ``lift``,
             ``p_value``).
         cluster: for embedding slices, the cluster number.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> meta = {"site": rng.choice(["a", "b"], 2000), "age": rng.integers(0, 3, 2000)}
+        >>> errors = rng.random(2000) < np.where((meta["site"] == "b") & (meta["age"] == 2), 0.5, 0.1)
+        >>> from lightning_lens.slices import find_slices
+        >>> s = find_slices(errors, meta)[0]
+        >>> s.name, s.size == len(s.indices), [p.text for p in s.predicates]
+        ('site=b & age=2', True, ['site=b', 'age=2'])
     """
 
     name: str
@@ -180,9 +189,11 @@ def slices_to_json(slices: Sequence[Slice], indent: Optional[int] = None) -> str
     """Serialize slices (with their members and statistics) to a JSON string.
 
     Example:
-        >>> text = slices_to_json(find_slices(errors, metadata))  # doctest: +SKIP
-        >>> [s.name for s in slices_from_json(text)]  # doctest: +SKIP
-        ['digit=3 & thickness=2']
+        >>> s = Slice("g=1", "metadata", (Predicate("g", 1, "g=1", 1),), np.array([3, 4]), 2, 0.2, 2.0, 1.0, 0.34, 1.0,
+        ...           0.1, 0.9, 10.0, 0.01, 0.02, 1.5)
+        >>> back = slices_from_json(slices_to_json([s]))[0]
+        >>> back.name, back.indices.tolist(), back.predicates == s.predicates
+        ('g=1', [3, 4], True)
     """
     return json.dumps({"slices": [s.to_dict() for s in slices]}, indent=indent)
 

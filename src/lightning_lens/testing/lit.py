@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_lens.interpretable_models.moe import moe_aux_loss, moe_layers
 from lightning_lens._pl import LightningModule
 from lightning_lens.testing.models import SmallCNN
 from lightning_lens.utils import BatchAccessor
@@ -91,6 +92,10 @@ class LitClassifier(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, logits, _ = self._shared_step(batch)
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=logits.shape[0])
+        if moe_layers(self):  # mixture-of-experts layers train with their balance and z-losses
+            aux = moe_aux_loss(self)
+            self.log("train/moe_aux_loss", aux, on_step=False, on_epoch=True, batch_size=logits.shape[0])
+            loss = loss + aux
         return loss
 
     def _eval_step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:

@@ -87,8 +87,10 @@ def modules_in_execution_order(
                 continue
             if predicate is None or predicate(module):
                 handles.append(module.register_forward_pre_hook(make_hook(name)))
+        # clones: a model that edits its input in place must not change the caller's tensors
+        args = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
         with preserve_modes(model, mode=False), torch.no_grad():
-            model(*inputs)
+            model(*args)
     finally:
         for h in handles:
             h.remove()

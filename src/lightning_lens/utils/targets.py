@@ -45,6 +45,9 @@ def resolve_target(target: Target, logits: torch.Tensor) -> torch.Tensor:
         if out.is_floating_point() or out.dtype == torch.bool:
             raise TypeError(f"target must hold integer class indices, got dtype {out.dtype}")
         out = out.long()
+    # a normal tensor even when target or logits were made under inference mode, so autograd accepts it later
+    with torch.inference_mode(False):
+        out = out.clone()
     if out.numel() and (int(out.min()) < 0 or int(out.max()) >= classes):
         raise ValueError(f"target class indices must lie in [0, {classes - 1}], got {out.tolist()}")
     return out
