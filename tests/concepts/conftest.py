@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import pytest
@@ -44,23 +43,6 @@ class Baseline(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=LR)
 
 
-@contextlib.contextmanager
-def one_thread():
-    """These models are tiny: intra-op threads only add overhead (and spin on a busy machine). Restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_per_test():
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="session")
 def digits():
     return {s: SevenSegmentDigits(s, seed=0) for s in ("train", "val", "test")}
@@ -75,7 +57,7 @@ def helpers():
 
 def _fit(module, train_ds, tmp_path, seed: int) -> None:
     pl.seed_everything(seed, verbose=False)
-    with warnings.catch_warnings(), one_thread():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(tmp_path, EPOCHS, limit_val_batches=0).fit(
             module, DataLoader(train_ds, batch_size=64, shuffle=True))

@@ -45,16 +45,7 @@ def _train(shortcut_fraction: float, seed: int = 0) -> SmallCNN:
 
 
 @pytest.fixture(scope="module")
-def single_thread():
-    # two small models train several times faster on one thread when the cores are shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(single_thread):
+def models():
     return {"with": _train(0.9), "without": _train(0.0)}
 
 
@@ -83,7 +74,7 @@ def masses(models, eval_data):
     return out
 
 
-def test_both_models_learned_the_digits(models, single_thread):
+def test_both_models_learned_the_digits(models):
     clean = _stack(SpuriousDigits("val", seed=0, eval_shortcut_mode="absent"))
     with torch.no_grad():
         for model in models.values():

@@ -1,8 +1,4 @@
-"""Fixtures of the MoE tests: digits as dict batches with sample indices, and one intra-op thread.
-
-The models here are tiny: a second intra-op thread only adds synchronisation (and, on a busy machine, spinning),
-so every test runs single-threaded and the previous setting is restored after it.
-"""
+"""Fixtures of the MoE tests: digits as dict batches with sample indices (one thread: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +6,6 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class FlatDigits(Dataset):

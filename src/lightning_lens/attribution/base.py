@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lightning_lens.utils import grad_ready, gradients_enabled, preserve_modes, resolve_target
+from lightning_lens.utils.checks import check_tensor
 from lightning_lens.utils.targets import Target
 
 __all__ = ["Attribution", "Target", "check_inputs", "forward_logits", "target_scores", "input_gradients"]
@@ -32,21 +33,7 @@ __all__ = ["Attribution", "Target", "check_inputs", "forward_logits", "target_sc
 
 def check_inputs(inputs: Any, argument: str = "inputs", min_dim: int = 2) -> torch.Tensor:
     """Validate an input batch: a floating-point tensor with a leading batch dimension."""
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"{argument} must be a torch.Tensor of shape (batch, ...), got {type(inputs).__name__}")
-    if not inputs.is_floating_point():
-        raise TypeError(
-            f"{argument} must be a floating-point tensor (attributions are real-valued), got dtype {inputs.dtype};"
-            f" convert it with {argument}.float()"
-        )
-    if inputs.dim() < min_dim:
-        raise ValueError(
-            f"{argument} must have a leading batch dimension and at least {min_dim} dimensions, got shape"
-            f" {tuple(inputs.shape)}; add one with {argument}.unsqueeze(0)"
-        )
-    if inputs.shape[0] == 0:
-        raise ValueError(f"{argument} is an empty batch (shape {tuple(inputs.shape)})")
-    return inputs
+    return check_tensor(inputs, argument, min_dim=min_dim)
 
 
 def forward_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_lens.utils import preserve_modes, resolve_target
+from lightning_lens.utils.checks import check_choice, check_tensor
 from lightning_lens.utils.targets import Target
 
 #: How an attribution with channels becomes one score per pixel.
@@ -20,39 +21,6 @@ from lightning_lens.utils.targets import Target
 #: * ``"abs_sum"``: sum of absolute values over channels (sign-agnostic sensitivity, as Captum's ``Saliency``);
 #: * ``"l2_sq"``: sum of squares over channels (Arras et al.'s alternative, "L2-norm squared").
 POOLINGS = ("sum", "sum_pos", "abs_sum", "l2_sq")
-
-
-def check_tensor(value: Any, argument: str, *, floating: bool = True) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{argument} must be a torch.Tensor with a leading batch dimension, got {type(value).__name__}")
-    if floating and not value.is_floating_point():
-        raise TypeError(f"{argument} must be a floating-point tensor, got dtype {value.dtype}; use {argument}.float()")
-    if value.dim() < 2:
-        raise ValueError(
-            f"{argument} must have a leading batch dimension, got shape {tuple(value.shape)};"
-            f" add one with {argument}.unsqueeze(0)"
-        )
-    if value.shape[0] == 0:
-        raise ValueError(f"{argument} is an empty batch (shape {tuple(value.shape)})")
-    return value
-
-
-def check_finite(value: torch.Tensor, argument: str) -> None:
-    if not bool(torch.isfinite(value).all()):
-        bad = int((~torch.isfinite(value)).sum())
-        raise ValueError(f"{argument} holds {bad} NaN or infinite values; fix the method that produced them")
-
-
-def check_choice(value: Any, argument: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{argument} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def check_positive_int(value: Any, argument: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{argument} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def feature_map(

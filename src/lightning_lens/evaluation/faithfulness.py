@@ -20,17 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lens.evaluation._common import (
-    check_choice,
-    check_finite,
-    check_positive_int,
-    check_tensor,
-    evaluating,
-    feature_map,
-    logits_of,
-    model_device,
-    resolve_targets,
-)
+from lightning_lens.evaluation._common import evaluating, feature_map, logits_of, model_device, resolve_targets
+from lightning_lens.utils.checks import check_choice, check_finite, check_int, check_tensor
 from lightning_lens.utils.targets import Target
 
 __all__ = [
@@ -263,7 +254,7 @@ def perturbation_curve(
     check_choice(mode, "mode", MODES)
     check_choice(score, "score", SCORES)
     check_tensor(inputs, "inputs")
-    check_positive_int(batch_size, "batch_size")
+    check_int(batch_size, "batch_size", minimum=1)
     if not isinstance(random_control, bool):
         raise TypeError(f"random_control must be a bool, got {type(random_control).__name__}")
     if step_fraction is not None:
@@ -274,7 +265,7 @@ def perturbation_curve(
         n_steps = math.ceil(1.0 / step_fraction - 1e-9)
     elif n_steps is None:
         n_steps = DEFAULT_STEPS
-    check_positive_int(n_steps, "n_steps")
+    check_int(n_steps, "n_steps", minimum=1)
     if substrate is None:
         substrate = "zeros" if mode == "deletion" else "blur"
 

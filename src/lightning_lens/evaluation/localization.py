@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lightning_lens.evaluation._common import binary_masks, check_choice, check_finite, feature_map, POOLINGS
+from lightning_lens.evaluation._common import POOLINGS, binary_masks, feature_map
+from lightning_lens.utils.checks import check_choice, check_finite
 
 __all__ = [
     "LocalizationResult",

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_lens.evaluation._common import check_tensor, model_device
+from lightning_lens.evaluation._common import model_device
 from lightning_lens.evaluation.faithfulness import perturbation_curve
 from lightning_lens.evaluation.localization import (
     pointing_game,
@@ -21,6 +21,7 @@ from lightning_lens.evaluation.localization import (
     relevance_rank_accuracy,
 )
 from lightning_lens.evaluation.robustness import max_sensitivity
+from lightning_lens.utils.checks import check_tensor
 from lightning_lens.utils.targets import Target
 
 __all__ = [

@@ -17,14 +17,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_lens.evaluation._common import (
-    check_choice,
-    check_positive_int,
-    check_tensor,
-    model_device,
-    resolve_targets,
-)
+from lightning_lens.evaluation._common import model_device, resolve_targets
 from lightning_lens.utils import gradients_enabled, preserve_modes
+from lightning_lens.utils.checks import check_choice, check_int, check_tensor
 from lightning_lens.utils.targets import Target
 
 __all__ = ["SensitivityResult", "max_sensitivity"]
@@ -129,8 +124,8 @@ def max_sensitivity(
     """
     explain = _explain_fn(explainer)
     check_tensor(inputs, "inputs")
-    check_positive_int(n_samples, "n_samples")
-    check_positive_int(batch_size, "batch_size")
+    check_int(n_samples, "n_samples", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
     check_choice(norm, "norm", NORMS)
     if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius > 0:
         raise ValueError(f"radius must be a positive number (input units), got {radius!r}")
