@@ -39,9 +39,12 @@ from lightning_lens.attribution.occlusion import Occlusion
 from lightning_lens.attribution.registry import (
     available_methods,
     canonical_name,
+    MethodSpec,
     get_method,
+    method_name,
     register_method,
     registered_name,
+    resolve_method,
 )
 from lightning_lens.attribution.smoothgrad import SmoothGrad, VarGrad
 
@@ -56,6 +59,7 @@ __all__ = [
     "GuidedGradCAM",
     "HiResCAM",
     "IntegratedGradients",
+    "MethodSpec",
     "Occlusion",
     "RandomMap",
     "ReLURule",
@@ -65,6 +69,8 @@ __all__ = [
     "canonical_name",
     "get_method",
     "input_gradients",
+    "method_name",
     "register_method",
     "registered_name",
+    "resolve_method",
 ]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
@@ -17,6 +18,9 @@ from lightning_lens.attribution.occlusion import Occlusion
 from lightning_lens.attribution.smoothgrad import SmoothGrad, VarGrad
 
 Factory = Callable[..., Attribution]
+#: How users name a method: a registry name, ``(name, kwargs)``, a method object, or a factory ``model -> method``
+#: (a method class or a ``functools.partial`` of one).
+MethodSpec = Union[str, tuple[str, Mapping[str, Any]], Attribution, Factory]
 
 _REGISTRY: dict[str, Factory] = {
     "gradient": Gradient,
@@ -122,3 +126,86 @@ def register_method(name: str, factory: Factory, *, overwrite: bool = False) -> 
     if key in _REGISTRY and not overwrite:
         raise ValueError(f"an attribution method is already registered as {key!r}; pass overwrite=True to replace it")
     _REGISTRY[key] = factory
+
+
+def method_name(spec: MethodSpec) -> str:
+    """The name a method spec logs under: the registry spelling of a name, else the object's or class's ``.name``
+    (a ``functools.partial`` is named by its class).
+
+    Raises:
+        ValueError: an unknown registry name (the message lists the available ones).
+        TypeError: a spec that is none of the forms of :data:`MethodSpec`, or a factory without a ``name``.
+
+    Example:
+        >>> method_name("IG"), method_name(("smoothgrad", {"n_samples": 4})), method_name(functools.partial(VarGrad))
+        ('integrated_gradients', 'smoothgrad', 'vargrad')
+    """
+    if _is_name_kwargs(spec):
+        spec = spec[0]
+    if isinstance(spec, str):
+        key = canonical_name(spec)
+        if key not in _REGISTRY:
+            raise ValueError(f"{spec!r} is not a known attribution method; available: {available_methods()}")
+        return key
+    if not (hasattr(spec, "attribute") or callable(spec)):
+        raise TypeError(
+            "a method must be a method name, a (name, kwargs) pair, an attribution method object or a factory, got"
+            f" {type(spec).__name__}"
+        )
+    name = getattr(spec, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    cls = spec if isinstance(spec, type) else getattr(spec, "func", None)  # functools.partial keeps its class in .func
+    name = getattr(cls, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    name = registered_name(cls) if cls is not None else None
+    if name is None:
+        raise TypeError(
+            f"{spec!r} has no string .name; use a lightning_lens.attribution method (object or class) or give your"
+            " method a `name` attribute"
+        )
+    return name
+
+
+def resolve_method(spec: MethodSpec, model: Optional[nn.Module], **kwargs: Any) -> Attribution:
+    """The method object ``spec`` describes, built for ``model`` when it is not one already.
+
+    A name or ``(name, kwargs)`` pair goes through :func:`get_method` (``kwargs`` here update the pair's); a method
+    object is returned as it is; a class or other factory is called as ``factory(model, **kwargs)``.
+
+    Raises:
+        TypeError: a spec of another kind, ``kwargs`` for a ready object, or a factory that returns no method.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> resolve_method(("integrated_gradients", {"n_steps": 8}), model).n_steps
+        8
+        >>> type(resolve_method(functools.partial(SmoothGrad, n_samples=2), model)).__name__
+        'SmoothGrad'
+    """
+    if _is_name_kwargs(spec):
+        return get_method(spec[0], model, **{**spec[1], **kwargs})
+    if isinstance(spec, str):
+        return get_method(spec, model, **kwargs)
+    if hasattr(spec, "attribute") and not isinstance(spec, type):
+        if kwargs:
+            raise TypeError(f"keyword arguments {sorted(kwargs)} apply to method names, not to the ready {spec!r}")
+        return spec
+    if not callable(spec):
+        raise TypeError(
+            "a method must be a method name, a (name, kwargs) pair, an attribution method object or a factory, got"
+            f" {type(spec).__name__}"
+        )
+    method = spec(model, **kwargs)
+    if not hasattr(method, "attribute"):
+        raise TypeError(
+            f"{spec!r} returned {type(method).__name__} when called with the model; expected an attribution method"
+            " object with .attribute(inputs, target=...)"
+        )
+    return method
+
+
+def _is_name_kwargs(spec: Any) -> bool:
+    return isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping)

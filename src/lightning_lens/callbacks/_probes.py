@@ -11,28 +11,41 @@ import torch
 
 from lightning_lens._pl import pl
 from lightning_lens.utils import BatchAccessor, ProbeSet
+from lightning_lens.utils.checks import check_int
 
 
 class ProbeCollector:
     """Gathers candidate batches during validation and draws a :class:`ProbeSet` from them at epoch end.
 
     Rank zero draws; the result is broadcast so every rank holds the same probes. Once drawn, the probes stay fixed
-    (also across checkpoint resume, through :meth:`state_dict`).
+    (also across checkpoint resume, through :meth:`state_dict`; probes passed explicitly win over a checkpoint's).
 
     Args:
         num: how many probes.
         accessor: reads inputs, labels, ids, metadata and masks from batches.
         seed: seed of the private generator that picks the probes.
         probes: a ready probe set (then nothing is collected).
+        owner: the callback collecting; given, the probes another callback of the trainer already holds are reused
+            (see :func:`shared_probes`) and nothing is collected while they exist.
     """
 
-    def __init__(self, num: int, accessor: BatchAccessor, seed: int = 0, probes: Optional[ProbeSet] = None) -> None:
-        if num < 1:
-            raise ValueError(f"num_probes must be >= 1, got {num}")
+    def __init__(
+        self,
+        num: int,
+        accessor: BatchAccessor,
+        seed: int = 0,
+        probes: Optional[ProbeSet] = None,
+        owner: Any = None,
+    ) -> None:
+        check_int(num, "num_probes", minimum=1)
+        if probes is not None and not isinstance(probes, ProbeSet):
+            raise TypeError(f"probes must be a lightning_lens.utils.ProbeSet or None, got {type(probes).__name__}")
         self.num = num
         self.accessor = accessor
         self.seed = seed
         self.probes = probes
+        self.owner = owner
+        self.explicit = probes is not None
         self._batches: list[Any] = []
         self._seen = 0
         self._cap = max(20 * num, 512)
@@ -41,11 +54,15 @@ class ProbeCollector:
         """Keep a CPU copy of ``batch`` while candidates are still needed (call from ``on_validation_batch_end``)."""
         if self.probes is not None or trainer.sanity_checking or dataloader_idx != 0 or self._seen >= self._cap:
             return
+        if self.owner is not None and shared_probes(trainer, exclude=self.owner) is not None:
+            return
         self._batches.append(_to_cpu(batch))
         self._seen += int(self.accessor.inputs(batch).shape[0])
 
     def finalize(self, trainer: "pl.Trainer") -> Optional[ProbeSet]:
         """Draw the probes from what was collected (call from ``on_validation_epoch_end``); returns them or None."""
+        if self.probes is None and self.owner is not None:
+            self.probes = shared_probes(trainer, exclude=self.owner)
         if self.probes is None and not trainer.sanity_checking:
             probes = None
             if self._batches:
@@ -63,7 +80,7 @@ class ProbeCollector:
         return {"probes": None if self.probes is None else self.probes.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("probes") is not None:
+        if state.get("probes") is not None and not self.explicit:
             self.probes = ProbeSet.from_state_dict(state["probes"])
 
 

@@ -37,6 +37,7 @@ from lightning_lens._pl import Callback, pl, rank_zero_warn
 from lightning_lens.callbacks._probes import ProbeCollector, shared_probes
 from lightning_lens.utils import BatchAccessor, ProbeSet
 from lightning_lens.utils.batch import Key
+from lightning_lens.utils.checks import check_bool, check_choice, check_int
 
 __all__ = ["RandomizationSanityCheck"]
 
@@ -126,32 +127,31 @@ class RandomizationSanityCheck(Callback):
         from lightning_lens.sanity._common import normalize_methods
 
         self._method_specs = normalize_methods(methods)
-        self.controls = _check_bool(controls, "controls")
-        self.num_probes = _check_int(num_probes, "num_probes", minimum=2)
-        self.probe_seed = _check_int(probe_seed, "probe_seed")
-        if probes is not None and not isinstance(probes, ProbeSet):
-            raise TypeError(f"probes must be a lightning_lens.utils.ProbeSet or None, got {type(probes).__name__}")
-        self.every_n_epochs = None if every_n_epochs is None else _check_int(every_n_epochs, "every_n_epochs", 1)
-        self.run_at_fit_end = _check_bool(run_at_fit_end, "run_at_fit_end")
+        self.controls = check_bool(controls, "controls")
+        self.num_probes = check_int(num_probes, "num_probes", minimum=2)
+        self.probe_seed = check_int(probe_seed, "probe_seed")
+        self.every_n_epochs = None if every_n_epochs is None else check_int(every_n_epochs, "every_n_epochs", 1)
+        self.run_at_fit_end = check_bool(run_at_fit_end, "run_at_fit_end")
         if self.every_n_epochs is None and not self.run_at_fit_end:
             raise ValueError("nothing to run: set every_n_epochs=<n> or run_at_fit_end=True")
-        self.mode = _check_choice(mode, "mode", _MODES)
-        self.order = _check_choice(order, "order", _ORDERS)
+        self.mode = check_choice(mode, "mode", _MODES)
+        self.order = check_choice(order, "order", _ORDERS)
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
             raise TypeError(f"layers must be a list of module names or None, got {layers!r}")
         self.layers = None if layers is None else list(layers)
-        self.batchnorm = _check_choice(batchnorm, "batchnorm", _BATCHNORM)
-        self.target = _check_choice(target, "target", _TARGETS)
+        self.batchnorm = check_choice(batchnorm, "batchnorm", _BATCHNORM)
+        self.target = check_choice(target, "target", _TARGETS)
         self.similarity = MapSimilarity(metrics=metrics)
         if rule is not None and not isinstance(rule, VerdictRule):
             raise TypeError(f"rule must be a lightning_lens.sanity.VerdictRule or None, got {type(rule).__name__}")
         self.rule = rule or VerdictRule()
-        self.seed = _check_int(seed, "seed")
-        self.grid_probes = _check_int(grid_probes, "grid_probes", minimum=0)
-        self.cell_size = _check_int(cell_size, "cell_size", minimum=8)
+        self.seed = check_int(seed, "seed")
+        self.grid_probes = check_int(grid_probes, "grid_probes", minimum=0)
+        self.cell_size = check_int(cell_size, "cell_size", minimum=8)
         self._accessor = BatchAccessor(input_key=input_key, target_key=target_key, index_key=index_key)
-        self._explicit_probes = probes is not None
-        self._collector = ProbeCollector(self.num_probes, self._accessor, seed=self.probe_seed, probes=probes)
+        self._collector = ProbeCollector(
+            self.num_probes, self._accessor, seed=self.probe_seed, probes=probes, owner=self
+        )
         self._last_report: Any = None
 
     # ------------------------------------------------------------------------------------------------------ properties
@@ -186,14 +186,13 @@ class RandomizationSanityCheck(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._collector.probes is None and shared_probes(trainer, exclude=self) is None:
-            self._collector.update(trainer, batch, dataloader_idx)
+        self._collector.update(trainer, batch, dataloader_idx)
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.sanity_checking:
             return
-        probes = self._draw_probes(trainer)  # a collective under DDP: every rank calls it
+        probes = self._collector.finalize(trainer)  # a collective under DDP: every rank calls it
         due = (self.every_n_epochs is not None and trainer.state.fn == "fit"
                and (trainer.current_epoch + 1) % self.every_n_epochs == 0)
         if due and probes is not None and trainer.is_global_zero:
@@ -218,17 +217,9 @@ class RandomizationSanityCheck(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self._explicit_probes:  # probes passed to the constructor win over a checkpoint's
-            self._collector.load_state_dict(state_dict)
+        self._collector.load_state_dict(state_dict)
 
     # ----------------------------------------------------------------------------------------------------- internals
-    def _draw_probes(self, trainer: "pl.Trainer") -> Optional[ProbeSet]:
-        if self._collector.probes is None:
-            shared = shared_probes(trainer, exclude=self)
-            if shared is not None:
-                self._collector.probes = shared
-        return self._collector.finalize(trainer)
-
     def _targets(self, probes: ProbeSet) -> Union[torch.Tensor, str, None]:
         if self.target == "prediction":
             return None
@@ -346,24 +337,3 @@ def _similarity_figure(report: Any) -> Any:
     axes[0].set_ylabel("similarity to the original maps")
     axes[-1].legend(fontsize=7, loc="best")
     return fig
-
-
-# --------------------------------------------------------------------------------------------------------- helpers
-def _check_int(value: Any, argument: str, minimum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{argument} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_bool(value: Any, argument: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{argument} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _check_choice(value: Any, argument: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{argument} must be one of {list(choices)}, got {value!r}")
-    return value

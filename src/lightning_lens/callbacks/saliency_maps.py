@@ -38,9 +38,11 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_lens._pl import Callback, pl, rank_zero_warn
-from lightning_lens.callbacks._probes import ProbeCollector, shared_probes
+from lightning_lens.attribution.base import forward_logits
+from lightning_lens.callbacks._probes import ProbeCollector
 from lightning_lens.utils import BatchAccessor, ProbeSet, gradients_enabled, preserve_modes
 from lightning_lens.utils.batch import Key
+from lightning_lens.utils.checks import check_bool, check_choice, check_int, check_str_list
 
 __all__ = ["SaliencyMapCallback"]
 
@@ -150,38 +152,35 @@ class SaliencyMapCallback(Callback):
         super().__init__()
         self._method_specs = _check_methods(methods)
         self.method_kwargs = _check_method_kwargs(method_kwargs, self._method_specs)
-        self.num_probes = _check_int(num_probes, "num_probes", minimum=1)
-        self.probe_seed = _check_int(probe_seed, "probe_seed")
-        if probes is not None and not isinstance(probes, ProbeSet):
-            raise TypeError(f"probes must be a lightning_lens.utils.ProbeSet or None, got {type(probes).__name__}")
-        self.every_n_epochs = _check_int(every_n_epochs, "every_n_epochs", minimum=1)
-        self.target = _check_choice(target, "target", _TARGETS)
-        self.layout = _check_choice(layout, "layout", _LAYOUTS)
+        self.num_probes = check_int(num_probes, "num_probes", minimum=1)
+        self.probe_seed = check_int(probe_seed, "probe_seed")
+        self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", minimum=1)
+        self.target = check_choice(target, "target", _TARGETS)
+        self.layout = check_choice(layout, "layout", _LAYOUTS)
         self.denormalize = _check_denormalize(denormalize)
-        self.class_names = None if class_names is None else list(_check_str_list(class_names, "class_names"))
+        self.class_names = None if class_names is None else list(check_str_list(class_names, "class_names"))
         if time_budget is not None:
             if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)):
                 raise TypeError(f"time_budget must be a number of seconds or None, got {type(time_budget).__name__}")
             if not time_budget > 0:
                 raise ValueError(f"time_budget must be > 0 seconds (or None for no limit), got {time_budget}")
         self.time_budget = None if time_budget is None else float(time_budget)
-        self.quality_metrics = _check_str_list(quality_metrics, "quality_metrics")
+        self.quality_metrics = check_str_list(quality_metrics, "quality_metrics")
         if quality_options is not None and not isinstance(quality_options, Mapping):
             raise TypeError(
                 f"quality_options must be a dict of metric -> dict of keyword arguments, got {quality_options!r}"
             )
         self.quality_options = dict(quality_options or {})
-        self.mask_regions = None if mask_regions is None else _check_str_list(mask_regions, "mask_regions")
-        if not isinstance(log_scalars, bool):
-            raise TypeError(f"log_scalars must be a bool, got {type(log_scalars).__name__}")
-        self.log_scalars = log_scalars
-        self.cell_size = None if cell_size is None else _check_int(cell_size, "cell_size", minimum=8)
+        self.mask_regions = None if mask_regions is None else check_str_list(mask_regions, "mask_regions")
+        self.log_scalars = check_bool(log_scalars, "log_scalars")
+        self.cell_size = None if cell_size is None else check_int(cell_size, "cell_size", minimum=8)
         if self.quality_metrics:
             _check_quality_metrics(self.quality_metrics)
 
         self._accessor = BatchAccessor(input_key=input_key, target_key=target_key, index_key=index_key)
-        self._explicit_probes = probes is not None
-        self._collector = ProbeCollector(self.num_probes, self._accessor, seed=self.probe_seed, probes=probes)
+        self._collector = ProbeCollector(
+            self.num_probes, self._accessor, seed=self.probe_seed, probes=probes, owner=self
+        )
         self._methods: list[tuple[str, Any]] = []  # (name, bound method object), built in setup
         self._bound_to: Optional[nn.Module] = None
         self._last_seconds: dict[str, float] = {}
@@ -238,14 +237,13 @@ class SaliencyMapCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._collector.probes is None and shared_probes(trainer, exclude=self) is None:
-            self._collector.update(trainer, batch, dataloader_idx)
+        self._collector.update(trainer, batch, dataloader_idx)
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.sanity_checking:
             return
-        probes = self._draw_probes(trainer)  # a collective under DDP: every rank calls it
+        probes = self._collector.finalize(trainer)  # a collective under DDP: every rank calls it
         if probes is None or not self._should_log(trainer) or not trainer.is_global_zero:
             return
         self._log_maps(trainer, pl_module, probes)
@@ -256,29 +254,21 @@ class SaliencyMapCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self._explicit_probes:  # probes passed to the constructor win over a checkpoint's
-            self._collector.load_state_dict(state_dict)
+        self._collector.load_state_dict(state_dict)
 
     # ----------------------------------------------------------------------------------------------------- internals
     def _bind_methods(self, pl_module: nn.Module) -> None:
         """Build (or rebuild, for a new module) the method objects on the unwrapped LightningModule."""
         if self._bound_to is pl_module and self._methods:
             return
-        from lightning_lens.attribution import get_method
+        from lightning_lens.attribution import resolve_method
 
         methods = []
         for i, (name, spec) in enumerate(self._method_specs):
-            if isinstance(spec, str):
-                method = get_method(spec, pl_module, **self.method_kwargs.get(spec, {}))
-            elif hasattr(spec, "attribute") and not isinstance(spec, type):
-                method = spec
-            else:  # a class or factory taking the model
-                method = spec(pl_module)
-                if not hasattr(method, "attribute"):
-                    raise TypeError(
-                        f"methods[{i}] returned {type(method).__name__} when called with the model; expected an"
-                        " attribution method object with .attribute(inputs, target=...)"
-                    )
+            try:
+                method = resolve_method(spec, pl_module, **self.method_kwargs.get(name, {}))
+            except TypeError as err:
+                raise TypeError(f"methods[{i}] ({name!r}): {err}") from err
             model = getattr(method, "model", None)
             if isinstance(model, nn.Module) and not any(m is model for m in pl_module.modules()):
                 raise ValueError(
@@ -288,13 +278,6 @@ class SaliencyMapCallback(Callback):
             methods.append((name, method))
         self._methods = methods
         self._bound_to = pl_module
-
-    def _draw_probes(self, trainer: "pl.Trainer") -> Optional[ProbeSet]:
-        if self._collector.probes is None:
-            shared = shared_probes(trainer, exclude=self)
-            if shared is not None:
-                self._collector.probes = shared
-        return self._collector.finalize(trainer)
 
     def _should_log(self, trainer: "pl.Trainer") -> bool:
         if trainer.state.fn != "fit":  # validate() was asked for explicitly
@@ -487,28 +470,8 @@ class SaliencyMapCallback(Callback):
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
-def _check_int(value: Any, argument: str, minimum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{argument} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_choice(value: Any, argument: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{argument} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def _check_str_list(value: Any, argument: str) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"{argument} must be a list of strings, got {value!r}")
-    return tuple(value)
-
-
 def _check_methods(methods: Any) -> list[tuple[str, Any]]:
-    """(name, spec) pairs: names validated against the registry, objects and factories named by ``.name``."""
+    """(name, spec) pairs: names in their registry spelling, objects and factories named by ``.name``."""
     if isinstance(methods, str) or not isinstance(methods, Sequence):
         raise TypeError(
             f"methods must be a list of method names, method objects or factories, got {methods!r}"
@@ -516,30 +479,15 @@ def _check_methods(methods: Any) -> list[tuple[str, Any]]:
         )
     if len(methods) == 0:
         raise ValueError("methods is empty; name at least one attribution method, e.g. methods=['gradient']")
-    from lightning_lens.attribution import available_methods
-    from lightning_lens.attribution import canonical_name
+    from lightning_lens.attribution import method_name
 
-    known = available_methods()
     specs: list[tuple[str, Any]] = []
     for i, spec in enumerate(methods):
-        if isinstance(spec, str):
-            name = canonical_name(spec)  # aliases ("ig", "saliency") log under the registry name
-            if name not in known:
-                raise ValueError(f"methods[{i}]={spec!r} is not a known attribution method; available: {known}")
-            spec = name
-        elif hasattr(spec, "attribute") or callable(spec):
-            name = _factory_name(spec)
-            if not name:
-                raise TypeError(
-                    f"methods[{i}] ({spec!r}) has no string .name; use a lightning_lens.attribution method (object or"
-                    " class) or give your method a `name` attribute"
-                )
-        else:
-            raise TypeError(
-                f"methods[{i}] must be a method name, an attribution method object or a factory, got"
-                f" {type(spec).__name__}"
-            )
-        specs.append((name, spec))
+        try:
+            name = method_name(spec)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"methods[{i}]={spec!r}: {err}") from None
+        specs.append((name, name if isinstance(spec, str) else spec))  # aliases ("ig") log under the registry name
     names = [n for n, _ in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -548,20 +496,6 @@ def _check_methods(methods: Any) -> list[tuple[str, Any]]:
             " unique (give differently configured objects distinct .name attributes)"
         )
     return specs
-
-
-def _factory_name(spec: Any) -> Optional[str]:
-    """The name of a method object, class or ``functools.partial`` of a class (whose ``name`` may be a property)."""
-    name = getattr(spec, "name", None)
-    if isinstance(name, str) and name:
-        return name
-    cls = spec if isinstance(spec, type) else getattr(spec, "func", None)  # functools.partial keeps its class in .func
-    name = getattr(cls, "name", None)
-    if isinstance(name, str) and name:
-        return name
-    from lightning_lens.attribution import registered_name
-
-    return registered_name(cls) if cls is not None else None
 
 
 def _check_method_kwargs(method_kwargs: Any, specs: list[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -640,19 +574,9 @@ def _model_inputs(inputs: torch.Tensor, pl_module: nn.Module) -> torch.Tensor:
 def _predict(pl_module: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted classes, softmax probabilities) of the probes, on the CPU."""
     with torch.no_grad():
-        logits = pl_module(inputs)
-    _check_logits(logits, inputs)
+        logits = forward_logits(pl_module, inputs)
     probs = logits.detach().float().softmax(dim=1).cpu()
     return probs.argmax(dim=1), probs
-
-
-def _check_logits(logits: Any, inputs: torch.Tensor) -> None:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(
-            f"SaliencyMapCallback needs the LightningModule's forward to return (batch, classes) logits for the"
-            f" input tensor; got {shape} for inputs of shape {tuple(inputs.shape)}. Make forward(x) return logits"
-        )
 
 
 def _check_attributions(attributions: Any, inputs: torch.Tensor, name: str) -> torch.Tensor:

@@ -5,6 +5,8 @@ from lightning_lens._lazy import lazy_exports
 _EXPORTS = {
     "MixtureOfExperts": "moe",
     "moe_aux_loss": "moe",
+    "moe_layers": "moe",
+    "routing_statistics": "moe",
     "ConceptBottleneckModel": "concept_bottleneck",
     "ConceptBottleneckModule": "concept_module",  # a LightningModule: imports Lightning when used
     "KNNHead": "knn",
