@@ -184,14 +184,8 @@ def test_dedupe_drops_tokens_of_repeated_samples():
     assert out.shape[0] == 6 and (out[:, 0] == 7).sum() == 3 and (out[:, 0] == -1).sum() == 2
 
 
-class TwiceThroughMoE(pl.LightningModule):
+class TwiceThroughMoE(SequenceClassifier):
     """The same MoE layer applied twice per step (weight sharing)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.moe = MixtureOfExperts(8, 8, num_experts=3, k=1)
-        self.head = nn.Linear(8, 2)
 
     def forward(self, x):
         return self.head(self.moe(self.moe(x)))

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple, Optional
 
+from lightning_lens.utils.checks import check_int
+
 #: the default cap on the number of input *elements* one block may hold (rows x elements per row), rounded down to
 #: whole samples of the batch but never below one sample of the whole batch. 2**16 float32 elements are 256 kB of
 #: input: for a batch of 32 images of 3x32x32 one sample per forward (32 rows), of 1x32x32 two samples (64 rows), for
@@ -33,11 +35,7 @@ class Block(NamedTuple):
 
 def check_batch_size(batch_size: Optional[int], argument: str = "batch_size") -> Optional[int]:
     """Validate a user's ``batch_size`` (``None`` = automatic)."""
-    if batch_size is None:
-        return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{argument} must be a positive int (max rows per forward pass) or None, got {batch_size!r}")
-    return batch_size
+    return None if batch_size is None else check_int(batch_size, argument, minimum=1)
 
 
 def resolve_batch_size(batch_size: Optional[int], batch: int, elements_per_row: int) -> int:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lightning_lens.utils import grad_ready, gradients_enabled, preserve_modes, resolve_target
-from lightning_lens.utils.checks import check_tensor
+from lightning_lens.utils.checks import check_bool, check_tensor
 from lightning_lens.utils.targets import Target
 
 __all__ = ["Attribution", "Target", "check_inputs", "forward_logits", "target_scores", "input_gradients"]
@@ -127,10 +127,8 @@ class Attribution:
             raise TypeError(f"model must be an nn.Module for {type(self).__name__}, got {type(model).__name__}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
-        if not isinstance(eval_mode, bool):
-            raise TypeError(f"eval_mode must be a bool, got {type(eval_mode).__name__}")
         self.model = model
-        self.eval_mode = eval_mode
+        self.eval_mode = check_bool(eval_mode, "eval_mode")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from lightning_lens.attribution.base import Attribution, Target, input_gradients
+from lightning_lens.utils.checks import check_choice
 
 _RULES = ("guided", "deconv")
 
@@ -50,7 +51,7 @@ class _ReLU(torch.autograd.Function):
         return _relu_backward(grad, out, ctx.rule), None
 
 
-class _ReLUInplace(torch.autograd.Function):
+class _ReLUInplace(_ReLU):
     """``x.relu_()`` (modifies and returns ``x``, as the real in-place op does) whose backward follows ``rule``."""
 
     @staticmethod
@@ -61,11 +62,6 @@ class _ReLUInplace(torch.autograd.Function):
         # [x > 0] == [relu(x) > 0], so the output is enough for the guided mask
         ctx.save_for_backward(x if rule == "guided" else None)
         return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (out,) = ctx.saved_tensors
-        return _relu_backward(grad, out, ctx.rule), None
 
 
 _OUT_OF_PLACE: tuple[Callable[..., Any], ...] = (torch.relu, torch.Tensor.relu)
@@ -87,8 +83,7 @@ class ReLURule(TorchFunctionMode):
 
     def __init__(self, rule: str) -> None:
         super().__init__()
-        if rule not in _RULES:
-            raise ValueError(f"rule must be one of {_RULES}, got {rule!r}")
+        check_choice(rule, "rule", _RULES)
         self.rule = rule
         self.count = 0
 

@@ -18,6 +18,7 @@ from lightning_lens.attribution.base import (
     input_gradients,
     target_scores,
 )
+from lightning_lens.utils.checks import check_choice, check_int
 from lightning_lens.utils import resolve_target
 
 Rule = Literal["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
@@ -45,10 +46,8 @@ def integration_points(n_steps: int, method: str) -> tuple[list[float], list[flo
         >>> integration_points(2, "riemann_trapezoid")
         ([0.0, 1.0], [0.5, 0.5])
     """
-    if method not in RULES:
-        raise ValueError(f"method must be one of {RULES}, got {method!r}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    check_choice(method, "method", RULES)
+    check_int(n_steps, "n_steps", minimum=1)
     if method == "gausslegendre":
         nodes, weights = _gauss_legendre(n_steps)
         return [(a + 1) / 2 for a in nodes], [w / 2 for w in weights]

@@ -11,15 +11,14 @@ from torch import nn
 from lightning_lens.attribution._batching import blocks, check_batch_size, resolve_batch_size
 from lightning_lens.attribution.base import Attribution, Target, check_inputs, forward_logits, input_gradients
 from lightning_lens.utils import resolve_target
+from lightning_lens.utils.checks import check_choice, check_int
 
 Variant = Literal["mean", "squared", "var"]
 _VARIANTS = ("mean", "squared", "var")
 
 
 def _check_seed(seed: Optional[int]) -> Optional[int]:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    return seed
+    return None if seed is None else check_int(seed, "seed")
 
 
 def private_generator(seed: Optional[int], device: torch.device) -> torch.Generator:
@@ -77,23 +76,15 @@ class SmoothGrad(Attribution):
         eval_mode: bool = True,
     ) -> None:
         super().__init__(model, eval_mode=eval_mode)
-        self.n_samples = self._check_n_samples(n_samples)
+        self.n_samples = check_int(n_samples, "n_samples", minimum=1)
         self.noise_level = self._check_noise_level(noise_level)
-        if variant not in _VARIANTS:
-            raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
-        self.variant = variant
+        self.variant = check_choice(variant, "variant", _VARIANTS)
         self.batch_size = check_batch_size(batch_size)
         self.seed = _check_seed(seed)
 
     @property
     def name(self) -> str:  # type: ignore[override]
         return {"mean": "smoothgrad", "squared": "smoothgrad_squared", "var": "vargrad"}[self.variant]
-
-    @staticmethod
-    def _check_n_samples(n_samples: int) -> int:
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-        return n_samples
 
     @staticmethod
     def _check_noise_level(noise_level: float) -> float:
@@ -121,7 +112,7 @@ class SmoothGrad(Attribution):
             n_samples, noise_level, batch_size, seed: as in the constructor.
         """
         inputs = check_inputs(inputs)
-        n = self.n_samples if n_samples is None else self._check_n_samples(n_samples)
+        n = self.n_samples if n_samples is None else check_int(n_samples, "n_samples", minimum=1)
         level = self.noise_level if noise_level is None else self._check_noise_level(noise_level)
         rows = check_batch_size(batch_size) if batch_size is not None else self.batch_size
         seed = self.seed if seed is None else _check_seed(seed)

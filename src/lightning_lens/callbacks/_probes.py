@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_lens._pl import pl
+from lightning_lens._pl import Callback, pl
 from lightning_lens.utils import BatchAccessor, ProbeSet
 from lightning_lens.utils.checks import check_int
 
@@ -82,6 +82,37 @@ class ProbeCollector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("probes") is not None and not self.explicit:
             self.probes = ProbeSet.from_state_dict(state["probes"])
+
+
+class ProbeCallback(Callback):
+    """Base of the callbacks that explain the probes of a :class:`ProbeCollector` in ``self._collector`` (built with
+    ``owner=self``): exposes them as :attr:`probes`, feeds the collector every validation batch and keeps the probes
+    in the checkpoint. Subclasses draw them with ``self._collector.finalize(trainer)`` in ``on_validation_epoch_end``.
+    """
+
+    _collector: ProbeCollector
+
+    @property
+    def probes(self) -> Optional[ProbeSet]:
+        """The probe set (None until drawn); other lightning-lens callbacks reuse it."""
+        return self._collector.probes
+
+    def on_validation_batch_end(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collector.update(trainer, batch, dataloader_idx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, **self._collector.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._collector.load_state_dict(state_dict)
 
 
 def shared_probes(trainer: "pl.Trainer", exclude: Any = None) -> Optional[ProbeSet]:

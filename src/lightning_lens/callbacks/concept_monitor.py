@@ -21,6 +21,7 @@ from lightning_lens.interpretable_models.concept_bottleneck import (
     task_targets,
 )
 from lightning_lens.utils import BatchAccessor, preserve_modes, resolve_module
+from lightning_lens.utils.checks import check_int
 
 __all__ = ["ConceptMonitor"]
 
@@ -95,12 +96,9 @@ class ConceptMonitor(Callback):
         names = [_policy_name(p) for p in policies]
         if len(set(names)) != len(names):
             raise ValueError(f"policies must have distinct names, got {names}")
-        if not isinstance(num_random_orders, int) or num_random_orders < 1:
-            raise ValueError(f"num_random_orders must be an int >= 1, got {num_random_orders!r}")
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be an int >= 1, got {every_n_epochs!r}")
-        if not isinstance(leakage_folds, int) or leakage_folds < 2:
-            raise ValueError(f"leakage_folds must be an int >= 2, got {leakage_folds!r}")
+        check_int(num_random_orders, "num_random_orders", minimum=1)
+        check_int(every_n_epochs, "every_n_epochs", minimum=1)
+        check_int(leakage_folds, "leakage_folds", minimum=2)
         self.concept_names = list(concept_names) if concept_names is not None else None
         self.policies = policies
         self.num_random_orders = num_random_orders

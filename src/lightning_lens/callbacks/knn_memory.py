@@ -12,6 +12,7 @@ from lightning_lens._pl import Callback, pl
 from lightning_lens.interpretable_models.knn import KNNClassifier, KNNHead
 from lightning_lens.utils import BatchAccessor, preserve_modes
 from lightning_lens.utils.batch import Key
+from lightning_lens.utils.checks import check_int
 
 Embed = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -71,8 +72,7 @@ class KNNMemoryRefresh(Callback):
         target_key: Key = None,
         index_key: Key = None,
     ) -> None:
-        if every_n_epochs < 0:
-            raise ValueError(f"every_n_epochs must be >= 0, got {every_n_epochs}")
+        check_int(every_n_epochs, "every_n_epochs", minimum=0)
         self.every_n_epochs = every_n_epochs
         self.dataloader = dataloader
         self.embed = embed

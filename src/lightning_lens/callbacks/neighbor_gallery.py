@@ -10,11 +10,12 @@ from torch.utils.data import Dataset, default_collate
 
 from lightning_lens._pl import Callback, pl
 from lightning_lens.callbacks._gather import dedupe_by_id, gather_rows
-from lightning_lens.callbacks._probes import ProbeCollector, shared_probes
+from lightning_lens.callbacks._probes import ProbeCollector
 from lightning_lens.callbacks.knn_memory import Embed, knn_parts
 from lightning_lens.loggers import log_image, log_scalars
 from lightning_lens.utils import BatchAccessor, ProbeSet, preserve_modes
 from lightning_lens.utils.batch import Key
+from lightning_lens.utils.checks import check_int
 
 
 class NeighborGallery(Callback):
@@ -65,12 +66,10 @@ class NeighborGallery(Callback):
         linear_probe: bool = True,
         probe_seed: int = 0,
     ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if k is not None and k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if max_eval_samples < 2:
-            raise ValueError(f"max_eval_samples must be >= 2, got {max_eval_samples}")
+        check_int(every_n_epochs, "every_n_epochs", minimum=1)
+        if k is not None:
+            check_int(k, "k", minimum=1)
+        check_int(max_eval_samples, "max_eval_samples", minimum=2)
         self.k = k
         self.every_n_epochs = every_n_epochs
         self.train_dataset = train_dataset
@@ -79,7 +78,7 @@ class NeighborGallery(Callback):
         self.denormalize = denormalize
         self.max_eval_samples = max_eval_samples
         self.linear_probe = linear_probe
-        self._collector = ProbeCollector(num_probes, self.accessor, seed=probe_seed)
+        self._collector = ProbeCollector(num_probes, self.accessor, seed=probe_seed, owner=self)
         self._emb: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
         self._ids: list[torch.Tensor] = []
@@ -99,8 +98,6 @@ class NeighborGallery(Callback):
 
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._emb, self._labels, self._ids, self._count = [], [], [], 0
-        if self._collector.probes is None:
-            self._collector.probes = shared_probes(trainer, exclude=self)
 
     @torch.no_grad()
     def on_validation_batch_end(

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_lens._pl import Callback, pl, rank_zero_warn
-from lightning_lens.callbacks._probes import ProbeCollector, shared_probes
+from lightning_lens._pl import pl, rank_zero_warn
+from lightning_lens.callbacks._probes import ProbeCallback, ProbeCollector, shared_probes
 from lightning_lens.utils import BatchAccessor, ProbeSet
 from lightning_lens.utils.batch import Key
 from lightning_lens.utils.checks import check_bool, check_choice, check_int
@@ -49,7 +49,7 @@ _VERDICT_VALUE = {"passes": 1.0, "inconclusive": 0.0, "fails": -1.0}
 DEFAULT_METHODS = ("gradient", "guided_backprop")
 
 
-class RandomizationSanityCheck(Callback):
+class RandomizationSanityCheck(ProbeCallback):
     """Check, on the model being trained, which attribution methods actually depend on its weights.
 
     The probes (a few validation examples) are drawn once from the first real validation epoch, or passed
@@ -149,17 +149,10 @@ class RandomizationSanityCheck(Callback):
         self.grid_probes = check_int(grid_probes, "grid_probes", minimum=0)
         self.cell_size = check_int(cell_size, "cell_size", minimum=8)
         self._accessor = BatchAccessor(input_key=input_key, target_key=target_key, index_key=index_key)
-        self._collector = ProbeCollector(
-            self.num_probes, self._accessor, seed=self.probe_seed, probes=probes, owner=self
-        )
+        self._collector = ProbeCollector(self.num_probes, self._accessor, self.probe_seed, probes, owner=self)
         self._last_report: Any = None
 
     # ------------------------------------------------------------------------------------------------------ properties
-    @property
-    def probes(self) -> Optional[ProbeSet]:
-        """The probe set (None until drawn); other lightning-lens callbacks reuse it."""
-        return self._collector.probes
-
     @property
     def last_report(self) -> Any:
         """The :class:`~lightning_lens.sanity.RandomizationReport` of the last check (rank zero), or None."""
@@ -176,18 +169,6 @@ class RandomizationSanityCheck(Callback):
                                         probe_seed=self.probe_seed)
 
     # ----------------------------------------------------------------------------------------------------------- hooks
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: "pl.Trainer",
-        pl_module: "pl.LightningModule",
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._collector.update(trainer, batch, dataloader_idx)
-
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.sanity_checking:
@@ -210,14 +191,6 @@ class RandomizationSanityCheck(Callback):
             )
             return
         self._check(trainer, pl_module, probes)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, **self._collector.state_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._collector.load_state_dict(state_dict)
 
     # ----------------------------------------------------------------------------------------------------- internals
     def _targets(self, probes: ProbeSet) -> Union[torch.Tensor, str, None]:

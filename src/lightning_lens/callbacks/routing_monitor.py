@@ -22,6 +22,7 @@ from lightning_lens.interpretable_models.moe import (
     routing_statistics,
 )
 from lightning_lens.utils import BatchAccessor, resolve_module
+from lightning_lens.utils.checks import check_int
 
 __all__ = ["RoutingMonitor"]
 
@@ -101,9 +102,8 @@ class RoutingMonitor(Callback):
         super().__init__()
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
             raise TypeError("layers must be a sequence of dotted module names, e.g. ['model.moe1'], or None")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        if num_classes is not None:
+            check_int(num_classes, "num_classes", minimum=1)
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
         if isinstance(collapse_threshold, bool) or not isinstance(collapse_threshold, (int, float)) \
@@ -115,8 +115,7 @@ class RoutingMonitor(Callback):
             raise ValueError(f"ablation_every_n_epochs must be an int >= 0 or None, got {ablation_every_n_epochs!r}")
         for name, value in (("ablation_samples", ablation_samples), ("ablation_batch_size", ablation_batch_size),
                             ("max_tokens", max_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(value, name, minimum=1)
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(
                 f"forward_fn must be callable(pl_module, inputs) -> logits, got {type(forward_fn).__name__}"

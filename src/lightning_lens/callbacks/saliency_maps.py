@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_lens._pl import Callback, pl, rank_zero_warn
+from lightning_lens._pl import pl, rank_zero_warn
 from lightning_lens.attribution.base import forward_logits
-from lightning_lens.callbacks._probes import ProbeCollector
+from lightning_lens.callbacks._probes import ProbeCallback, ProbeCollector
 from lightning_lens.utils import BatchAccessor, ProbeSet, gradients_enabled, preserve_modes
 from lightning_lens.utils.batch import Key
 from lightning_lens.utils.checks import check_bool, check_choice, check_int, check_str_list
@@ -53,7 +53,7 @@ MeanStd = tuple[list[float], list[float]]
 DEFAULT_METHODS = ("gradient", "smoothgrad", "integrated_gradients", "gradcam")
 
 
-class SaliencyMapCallback(Callback):
+class SaliencyMapCallback(ProbeCallback):
     """Log saliency maps of a fixed probe set during validation.
 
     The probes are drawn once (``num_probes`` examples spread over classes, reproducibly from ``probe_seed``) from the
@@ -70,8 +70,9 @@ class SaliencyMapCallback(Callback):
     listed in the module docstring.
 
     Args:
-        methods: attribution methods: registry names (see
-            :func:`lightning_lens.attribution.available_methods`), :class:`~lightning_lens.attribution.base.Attribution`
+        methods: attribution methods, as :func:`lightning_lens.attribution.resolve_method` takes them: registry names
+            (see :func:`lightning_lens.attribution.available_methods`), ``(name, kwargs)`` pairs,
+            :class:`~lightning_lens.attribution.base.Attribution`
             objects built on this LightningModule (or one of its submodules), or callables ``model -> Attribution``
             such as a method class. Default: gradient, SmoothGrad, Integrated Gradients, Grad-CAM.
         method_kwargs: keyword arguments per method name for the named methods, e.g.
@@ -178,9 +179,7 @@ class SaliencyMapCallback(Callback):
             _check_quality_metrics(self.quality_metrics)
 
         self._accessor = BatchAccessor(input_key=input_key, target_key=target_key, index_key=index_key)
-        self._collector = ProbeCollector(
-            self.num_probes, self._accessor, seed=self.probe_seed, probes=probes, owner=self
-        )
+        self._collector = ProbeCollector(self.num_probes, self._accessor, self.probe_seed, probes, owner=self)
         self._methods: list[tuple[str, Any]] = []  # (name, bound method object), built in setup
         self._bound_to: Optional[nn.Module] = None
         self._last_seconds: dict[str, float] = {}
@@ -190,11 +189,6 @@ class SaliencyMapCallback(Callback):
         self._last_targets: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------------------------------------------ properties
-    @property
-    def probes(self) -> Optional[ProbeSet]:
-        """The probe set (None until drawn); other lightning-lens callbacks reuse it."""
-        return self._collector.probes
-
     @property
     def last_attributions(self) -> dict[str, torch.Tensor]:
         """The maps of the last logged epoch (rank zero): method name -> CPU float tensor, probes in order."""
@@ -228,18 +222,6 @@ class SaliencyMapCallback(Callback):
             )
 
     @override
-    def on_validation_batch_end(
-        self,
-        trainer: "pl.Trainer",
-        pl_module: "pl.LightningModule",
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._collector.update(trainer, batch, dataloader_idx)
-
-    @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.sanity_checking:
             return
@@ -247,14 +229,6 @@ class SaliencyMapCallback(Callback):
         if probes is None or not self._should_log(trainer) or not trainer.is_global_zero:
             return
         self._log_maps(trainer, pl_module, probes)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, **self._collector.state_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._collector.load_state_dict(state_dict)
 
     # ----------------------------------------------------------------------------------------------------- internals
     def _bind_methods(self, pl_module: nn.Module) -> None:

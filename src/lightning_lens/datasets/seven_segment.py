@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lightning_lens.utils.checks import check_choice
+
 SEGMENT_NAMES: tuple[str, ...] = ("a", "b", "c", "d", "e", "f", "g")
 """Segment names in concept order (index 0 = a)."""
 
@@ -124,8 +126,7 @@ class SevenSegmentDigits(Dataset):
         fractions: Sequence[float] = (0.6, 0.2, 0.2),
         image_size: int = 8,
     ) -> None:
-        if split not in _SPLITS:
-            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        check_choice(split, "split", _SPLITS)
         fractions = tuple(float(f) for f in fractions)
         if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError(

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lightning_lens.utils.checks import check_choice
+
 __all__ = ["SpuriousDigits"]
 
 _SPLITS = ("train", "val", "test")
@@ -144,14 +146,12 @@ class SpuriousDigits(Dataset):
         mislabel_as: Optional[int] = None,
         mislabel_fraction: float = 1.0,
     ) -> None:
-        if split not in _SPLITS:
-            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        check_choice(split, "split", _SPLITS)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.train_shortcut_fraction = _check_fraction(train_shortcut_fraction, "train_shortcut_fraction")
         self.eval_shortcut_fraction = _check_fraction(eval_shortcut_fraction, "eval_shortcut_fraction")
-        if eval_shortcut_mode not in _EVAL_MODES:
-            raise ValueError(f"eval_shortcut_mode must be one of {_EVAL_MODES}, got {eval_shortcut_mode!r}")
+        check_choice(eval_shortcut_mode, "eval_shortcut_mode", _EVAL_MODES)
         fractions = [float(f) for f in split_fractions]
         if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError(

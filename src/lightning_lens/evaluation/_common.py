@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from lightning_lens.attribution.base import forward_logits
 from lightning_lens.utils import preserve_modes, resolve_target
 from lightning_lens.utils.checks import check_choice, check_tensor
 from lightning_lens.utils.targets import Target
@@ -110,22 +111,11 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def logits_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    out = model(inputs)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != inputs.shape[0]:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
-            f"the model must return logits of shape (batch, classes) = ({inputs.shape[0]}, C), got {shape};"
-            " wrap the model so that its forward returns one score per class"
-        )
-    return out
-
-
 def resolve_targets(model: nn.Module, inputs: torch.Tensor, target: Target, batch_size: int) -> torch.Tensor:
     """Per-example class indices ``(B,)``; ``None`` means the model's prediction on ``inputs`` (run in eval mode)."""
     with evaluating(model):
         if target is None:
-            logits = torch.cat([logits_of(model, chunk) for chunk in inputs.split(batch_size)])
+            logits = torch.cat([forward_logits(model, chunk) for chunk in inputs.split(batch_size)])
         else:  # the class count is only needed for the range check: one example suffices
-            logits = logits_of(model, inputs[:1]).expand(inputs.shape[0], -1)
+            logits = forward_logits(model, inputs[:1]).expand(inputs.shape[0], -1)
     return resolve_target(target, logits)

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lens.evaluation._common import evaluating, feature_map, logits_of, model_device, resolve_targets
-from lightning_lens.utils.checks import check_choice, check_finite, check_int, check_tensor
+from lightning_lens.attribution.base import forward_logits
+from lightning_lens.evaluation._common import evaluating, feature_map, model_device, resolve_targets
+from lightning_lens.utils.checks import check_bool, check_choice, check_finite, check_int, check_tensor
 from lightning_lens.utils.targets import Target
 
 __all__ = [
@@ -194,7 +195,7 @@ def _curve_scores(
         rows, steps = pairs // n_points, pairs % n_points
         changed = (ranks[rows] < counts[steps].unsqueeze(1)).unsqueeze(1)
         perturbed = torch.where(changed, end[rows], start[rows]).reshape(-1, *inputs.shape[1:])
-        logits = logits_of(model, perturbed)
+        logits = forward_logits(model, perturbed)
         if score == "probability":
             logits = logits.float().softmax(dim=1)
         out[lo : lo + pairs.numel()] = logits.gather(1, target[rows].view(-1, 1)).squeeze(1).float()
@@ -255,8 +256,7 @@ def perturbation_curve(
     check_choice(score, "score", SCORES)
     check_tensor(inputs, "inputs")
     check_int(batch_size, "batch_size", minimum=1)
-    if not isinstance(random_control, bool):
-        raise TypeError(f"random_control must be a bool, got {type(random_control).__name__}")
+    check_bool(random_control, "random_control")
     if step_fraction is not None:
         if not isinstance(step_fraction, (int, float)) or not 0 < step_fraction <= 1:
             raise ValueError(f"step_fraction must be a number in (0, 1], got {step_fraction!r}")

@@ -66,20 +66,15 @@ def available_quality_metrics() -> list[str]:
 
 
 def _resolve_method(method: Any, model: nn.Module) -> Any:
-    if isinstance(method, str):
-        from lightning_lens.attribution import get_method
-
-        return get_method(method, model)
     if method is None:
         return None
     if isinstance(method, type):
         raise TypeError(f"method must be an instance bound to the model, e.g. {method.__name__}(model), not the class")
-    if hasattr(method, "attribute") or callable(method):
-        return method
-    raise TypeError(
-        f"method must be an attribution method object, a registered method name or a callable (inputs, target) ->"
-        f" attributions, got {type(method).__name__}"
-    )
+    if callable(method) and not hasattr(method, "attribute"):
+        return method  # an explainer function (inputs, target) -> attributions
+    from lightning_lens.attribution import resolve_method
+
+    return resolve_method(method, model)
 
 
 def _explain(method: Any, inputs: torch.Tensor, targets: Optional[torch.Tensor]) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lightning_lens.utils import BatchAccessor, gradients_enabled, preserve_modes
+from lightning_lens.utils.checks import check_choice, check_int
 
 __all__ = [
     "ConceptBottleneckModel",
@@ -241,12 +242,9 @@ class ConceptBottleneckModel(nn.Module):
         super().__init__()
         if not isinstance(concept_encoder, nn.Module):
             raise TypeError(f"concept_encoder must be an nn.Module, got {type(concept_encoder).__name__}")
-        if not isinstance(num_concepts, int) or isinstance(num_concepts, bool) or num_concepts < 1:
-            raise ValueError(f"num_concepts must be a positive int, got {num_concepts!r}")
-        if bottleneck not in _BOTTLENECKS:
-            raise ValueError(f"bottleneck must be one of {_BOTTLENECKS}, got {bottleneck!r}")
-        if hard_gradient not in _HARD_GRADIENTS:
-            raise ValueError(f"hard_gradient must be one of {_HARD_GRADIENTS}, got {hard_gradient!r}")
+        check_int(num_concepts, "num_concepts", minimum=1)
+        check_choice(bottleneck, "bottleneck", _BOTTLENECKS)
+        check_choice(hard_gradient, "hard_gradient", _HARD_GRADIENTS)
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes must be a positive int (1 for a binary task), got {num_classes!r}")
         if task_head is None:
@@ -264,8 +262,7 @@ class ConceptBottleneckModel(nn.Module):
                              f"{intervention_quantiles}")
         if intervention_values is not None and bottleneck != "logit":
             raise ValueError("intervention_values only applies to bottleneck='logit'; probability bottlenecks use 0/1")
-        if not isinstance(logit_buffer_size, int) or logit_buffer_size < 2:
-            raise ValueError(f"logit_buffer_size must be an int >= 2, got {logit_buffer_size!r}")
+        check_int(logit_buffer_size, "logit_buffer_size", minimum=2)
 
         self.concept_encoder = concept_encoder
         self.task_head = task_head

@@ -35,6 +35,7 @@ from lightning_lens.interpretable_models.concept_bottleneck import (
     task_targets,
 )
 from lightning_lens.utils import preserve_modes
+from lightning_lens.utils.checks import check_choice
 
 __all__ = ["ConceptBottleneckModule"]
 
@@ -103,8 +104,7 @@ class ConceptBottleneckModule(LightningModule):
                 raise ValueError("pass model=ConceptBottleneckModel(...) or concept_encoder=... and num_concepts=...")
             model = ConceptBottleneckModel(concept_encoder, num_concepts, task_head=task_head, num_classes=num_classes,
                                            bottleneck=bottleneck, concept_names=concept_names)
-        if training not in _TRAINING:
-            raise ValueError(f"training must be one of {_TRAINING}, got {training!r}")
+        check_choice(training, "training", _TRAINING)
         if training == "independent" and model.bottleneck_kind == "logit":
             raise ValueError("training='independent' feeds the true 0/1 concepts to the head, which needs a "
                              "probability bottleneck: use bottleneck='soft' or 'hard' (or training='joint' or "

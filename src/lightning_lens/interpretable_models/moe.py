@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lens.utils import preserve_modes
+from lightning_lens.utils.checks import check_choice
 
 __all__ = [
     "ExpertAblation",
@@ -227,10 +228,8 @@ class MixtureOfExperts(nn.Module):
             _positive_int(hidden_features, "hidden_features")
             if expert is not None:
                 raise ValueError("hidden_features only sizes the default expert; leave it None when passing expert=")
-        if drop_policy not in _DROP_POLICIES:
-            raise ValueError(f"drop_policy must be one of {_DROP_POLICIES}, got {drop_policy!r}")
-        if dispatch not in _DISPATCH:
-            raise ValueError(f"dispatch must be one of {_DISPATCH}, got {dispatch!r}")
+        check_choice(drop_policy, "drop_policy", _DROP_POLICIES)
+        check_choice(dispatch, "dispatch", _DISPATCH)
         if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int)):
             raise TypeError(f"noise_seed must be an int or None, got {type(noise_seed).__name__}")
         self.capacity_factor = _optional_factor(capacity_factor, "capacity_factor")

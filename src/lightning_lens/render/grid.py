@@ -10,6 +10,7 @@ import torch
 from matplotlib.font_manager import FontProperties, findfont, get_font
 
 from lightning_lens.render.heatmap import to_rgb_uint8
+from lightning_lens.utils.checks import check_int
 
 __all__ = ["image_grid"]
 
@@ -172,10 +173,8 @@ def image_grid(
     present = [cell for row in rows for cell in row if cell is not None]
     if cell_size is None:
         cell_size = max([_DEFAULT_CELL] + [cell.shape[0] for cell in present])
-    if isinstance(cell_size, bool) or not isinstance(cell_size, int) or cell_size < 4:
-        raise ValueError(f"cell_size must be an int >= 4 (pixels), got {cell_size!r}")
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
-        raise ValueError(f"pad must be an int >= 0, got {pad!r}")
+    check_int(cell_size, "cell_size", minimum=4)
+    check_int(pad, "pad", minimum=0)
 
     def fit(cell: Optional[np.ndarray]) -> Optional[np.ndarray]:
         if cell is None:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.colors import Colormap
 
+from lightning_lens.utils.checks import check_choice
+
 __all__ = [
     "DIVERGING_CMAP",
     "SEQUENTIAL_CMAP",
@@ -62,8 +64,7 @@ def reduce_channels(attribution: ArrayLike, reduce: str = "sum") -> np.ndarray:
         >>> reduce_channels(torch.tensor([[[1.0]], [[-3.0]]]), "max_abs").tolist()
         [[-3.0]]
     """
-    if reduce not in _REDUCTIONS:
-        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+    check_choice(reduce, "reduce", _REDUCTIONS)
     a = _as_numpy(attribution, "attribution")
     if a.ndim == 4 and a.shape[0] == 1:
         a = a[0]

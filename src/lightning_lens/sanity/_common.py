@@ -261,7 +261,6 @@ class Reference:
                        max_elements: int = 2**24) -> tuple[dict[str, torch.Tensor], list[PreparedMaps]]:
         """``({metric: (S, B)}, prepared maps per chunk)`` for the maps of ``S`` stages, compared in a few large
         batches: one pass of every metric over many stages costs far less than ``S`` small passes."""
-        batch = self.prepared.finite.shape[0]
         per_stage = max(1, stages[0].numel()) if stages else 1
         chunk = max(1, max_elements // per_stage)
         scores: dict[str, list[torch.Tensor]] = {m: [] for m in self.metrics}
@@ -269,9 +268,8 @@ class Reference:
         for start in range(0, len(stages), chunk):
             group = stages[start : start + chunk]
             prepared = similarity.prepare(torch.cat(list(group)), self.metrics)
-            result = similarity.compare(self.prepared.tile(len(group)), prepared, self.metrics)
-            for m, v in result.items():
-                scores[m].append(v.view(len(group), batch))
+            for m, v in similarity.compare_stacked(self.prepared, prepared, self.metrics).items():
+                scores[m].append(v)
             prepared_chunks.append(prepared)
         return {m: torch.cat(v) for m, v in scores.items()}, prepared_chunks
 

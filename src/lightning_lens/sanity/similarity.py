@@ -96,10 +96,28 @@ def _sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         import numpy as np
 
-        arr = x.detach().contiguous().numpy()
-        order = np.argsort(arr, axis=1)
-        return torch.from_numpy(np.take_along_axis(arr, order, axis=1)), torch.from_numpy(order)
+        order = torch.from_numpy(np.argsort(x.detach().contiguous().numpy(), axis=1))
+        return x.gather(1, order), order  # torch's gather is several times faster than np.take_along_axis
     return x.sort(dim=1)
+
+
+def _sort_signed_by_magnitude(signed: torch.Tensor, magnitude_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``signed.sort(dim=1)`` (values, indices) from the ascending order of ``|signed|``, without a second sort.
+
+    In that order the negative entries come with descending values and the others with ascending values, so the
+    sorted row is the negatives reversed followed by the others: a stable partition (one cumulative count and two
+    scatters instead of an ``O(n log n)`` sort).
+    """
+    n = signed.shape[1]
+    by_magnitude = signed.gather(1, magnitude_order)
+    negative = by_magnitude < 0
+    negatives_so_far = negative.cumsum(dim=1)
+    num_negative = negatives_so_far[:, -1:]
+    position = torch.arange(n, device=signed.device).expand_as(negatives_so_far)
+    # the j-th negative (1-based) goes to num_negative - j; the others keep their order after all the negatives
+    destination = torch.where(negative, num_negative - negatives_so_far, num_negative + position - negatives_so_far)
+    values = torch.empty_like(by_magnitude).scatter_(1, destination, by_magnitude)
+    return values, torch.empty_like(magnitude_order).scatter_(1, destination, magnitude_order)
 
 
 def _percentile_position(n: int, q: float) -> tuple[int, int, float]:
@@ -204,7 +222,7 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _correlate(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
-    return (za * zb).sum(dim=1).clamp(-1, 1)
+    return (za * zb).sum(dim=-1).clamp(-1, 1)
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -223,19 +241,30 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _ranks_from_sorted(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Average ranks (1..N, ties share their mean rank) of the rows whose sorted values and sort order are given.
 
-    A run of equal values spans sorted positions ``first..last``; its members all get ``(first + last) / 2 + 1``.
-    ``first`` is a running maximum of run starts, ``last`` a reversed running minimum of run ends.
+    Every entry first gets its sorted position + 1; only the entries in runs of equal values (usually few: zeros,
+    the clipped top percent) are then set to their run's mean rank ``(first + last) / 2 + 1``, so the cost is one
+    scatter plus work proportional to the number of ties.
     """
     batch, n = values.shape
-    starts = torch.ones_like(values, dtype=torch.bool)
-    starts[:, 1:] = values[:, 1:] != values[:, :-1]
-    ends = torch.ones_like(starts)
-    ends[:, :-1] = starts[:, 1:]
-    position = torch.arange(n, dtype=values.dtype, device=values.device).expand(batch, n)
-    first = torch.where(starts, position, torch.zeros_like(position)).cummax(dim=1).values
-    last = torch.where(ends, position, torch.full_like(position, n - 1)).flip(1).cummin(dim=1).values.flip(1)
-    mean_rank = (first + last) / 2 + 1
-    return torch.empty_like(mean_rank).scatter_(1, order.to(values.device), mean_rank)
+    order = order.to(values.device)
+    position = torch.arange(1, n + 1, dtype=values.dtype, device=values.device)
+    ranks = torch.empty_like(values).scatter_(1, order, position.expand(batch, n))
+    equal = values[:, 1:] == values[:, :-1]  # sorted positions j and j + 1 hold the same value
+    tied = torch.zeros_like(values, dtype=torch.bool)
+    tied[:, 1:] = equal
+    tied[:, :-1] |= equal
+    rows, cols = tied.nonzero(as_tuple=True)  # row-major, so each run is a stretch of consecutive entries
+    if rows.numel():
+        continues = torch.zeros_like(rows, dtype=torch.bool)  # same run as the previous tied entry
+        continues[1:] = (rows[1:] == rows[:-1]) & (cols[1:] == cols[:-1] + 1)
+        continues[1:] &= equal[rows[1:], (cols[1:] - 1).clamp_min(0)]
+        starts = ~continues
+        ends = torch.ones_like(starts)
+        ends[:-1] = starts[1:]
+        run = starts.cumsum(0) - 1
+        mean_rank = (cols[starts] + cols[ends]).to(values.dtype) / 2 + 1
+        ranks[rows, order[rows, cols]] = mean_rank[run]
+    return ranks
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -273,12 +302,14 @@ def _gaussian_kernel(sigma: float, truncate: float, dtype: torch.dtype, device: 
 def _valid_filter(x: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Tensor:
     """Correlate ``x`` with a 1-D ``kernel`` along ``dim``, keeping only positions where it fits ("valid").
 
-    A sum of shifted slices: for SSIM's small window this is much faster than a float64 ``conv2d`` on CPU.
+    A sum of shifted slices accumulated in place: for SSIM's small window this is several times faster than
+    ``conv2d`` on CPU.
     """
     n = x.shape[dim] - kernel.numel() + 1
-    out = x.narrow(dim, 0, n) * kernel[0]
-    for j in range(1, kernel.numel()):
-        out = out + x.narrow(dim, j, n) * kernel[j]
+    weights = kernel.tolist()
+    out = x.narrow(dim, 0, n) * weights[0]
+    for j in range(1, len(weights)):
+        out.add_(x.narrow(dim, j, n), alpha=weights[j])
     return out
 
 
@@ -320,7 +351,7 @@ class _SSIMWindow:
         c1 = (k1 * data_range) ** 2
         c2 = (k2 * data_range) ** 2
         s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-        return s.mean(dim=(1, 2))
+        return s.mean(dim=(-2, -1))
 
 
 def ssim(
@@ -424,7 +455,7 @@ def _topk_mask(x: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _intersection(mask_a: torch.Tensor, mask_b: torch.Tensor, count: int) -> torch.Tensor:
-    return (mask_a & mask_b).sum(dim=1).to(torch.float64 if mask_a.device.type != "mps" else torch.float32) / count
+    return (mask_a & mask_b).sum(dim=-1).to(torch.float64 if mask_a.device.type != "mps" else torch.float32) / count
 
 
 def topk_intersection(a: torch.Tensor, b: torch.Tensor, k: float | int = 0.1) -> torch.Tensor:
@@ -488,10 +519,6 @@ class PreparedMaps:
     def take(self, indices: torch.Tensor) -> "PreparedMaps":
         """The examples ``indices`` (along the batch), e.g. a pairing of every example with another one."""
         return self._apply(lambda t: t.index_select(0, indices.to(t.device)))
-
-    def tile(self, times: int) -> "PreparedMaps":
-        """The batch repeated ``times`` times (to compare one batch with ``times`` stacked batches at once)."""
-        return self._apply(lambda t: t.repeat(times, *([1] * (t.dim() - 1))))
 
     def __len__(self) -> int:
         return int(self.absolute.shape[0])
@@ -605,12 +632,19 @@ class MapSimilarity:
         clean = maps if bool(finite.all()) else torch.where(torch.isfinite(maps), maps, torch.zeros_like(maps))
 
         wanted = set(metrics)
-        magnitude = _rows(aggregate_channels(clean, signed=False))
-        values, order = _sort_rows(magnitude)  # ranks, top-k and the clipping percentile from one sort
+        aggregated = aggregate_channels(clean, signed=False).reshape(batch, -1)
+        # ranks, top-k and the clipping percentile from one sort, in the maps' own dtype: the conversion to the
+        # work dtype is exact and monotone, and a float32 sort is faster
+        values, order = _sort_rows(aggregated)
+        magnitude, values = aggregated.to(_work_dtype(aggregated)), values.to(_work_dtype(aggregated))
         to_absolute = _absolute_scaler(magnitude, self.clip_percentile, values)
         absolute = to_absolute(magnitude)
         signed_flat = _rows(aggregate_channels(clean, signed=True))
-        signed_values, signed_order = _sort_rows(signed_flat) if "spearman_signed" in wanted else (None, None)
+        signed_values = signed_order = None
+        if "spearman_signed" in wanted:
+            one_channel = maps.dim() < 4 or maps.shape[1] == 1  # then the magnitude is |signed|, entry by entry
+            signed_values, signed_order = (_sort_signed_by_magnitude(signed_flat, order.to(signed_flat.device))
+                                           if one_channel else _sort_rows(signed_flat))
         to_signed = _signed_scaler(signed_flat, self.clip_percentile, signed_values)
         signed = to_signed(signed_flat)
 
@@ -646,21 +680,54 @@ class MapSimilarity:
         """Scores of two prepared batches, ``{metric: (B,)}`` (``nan`` where either map is not finite)."""
         if a.absolute.shape != b.absolute.shape:
             raise ValueError(f"cannot compare maps of shapes {tuple(a.absolute.shape)} and {tuple(b.absolute.shape)}")
+        return {k: v[0] for k, v in self._compare(a, b, 1, metrics).items()}
+
+    def compare_stacked(
+        self, reference: PreparedMaps, stacked: PreparedMaps, metrics: Optional[Sequence[str]] = None
+    ) -> dict[str, torch.Tensor]:
+        """Scores ``{metric: (S, B)}`` of ``B`` reference maps against ``S`` batches of maps of the same inputs.
+
+        ``stacked`` holds the ``S`` batches one after another along the batch (rows ``s * B ... s * B + B - 1``
+        are batch ``s``), e.g. every stage of a randomization test prepared in one call. Row ``s`` equals
+        ``compare(reference, batch s)``; the reference is broadcast, not repeated.
+        """
+        size = len(reference)
+        if reference.absolute.shape[1:] != stacked.absolute.shape[1:] or len(stacked) % size:
+            raise ValueError(
+                f"stacked must hold whole batches of {size} maps shaped like the reference's"
+                f" {tuple(reference.absolute.shape[1:])}, got shape {tuple(stacked.absolute.shape)}"
+            )
+        return self._compare(reference, stacked, len(stacked) // size, metrics)
+
+    def _compare(
+        self, a: PreparedMaps, b: PreparedMaps, groups: int, metrics: Optional[Sequence[str]]
+    ) -> dict[str, torch.Tensor]:
+        """``{metric: (groups, B)}``: ``a`` (``B`` maps) against each of the ``groups`` batches stacked in ``b``."""
         metrics = [m for m in ALL_METRICS if m in a.stats and m in b.stats] if metrics is None else metrics
+
+        def one(t: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (1, B, ...): broadcast against every group
+            return t.unsqueeze(0)
+
+        def grouped(t: torch.Tensor) -> torch.Tensor:  # (groups * B, ...) -> (groups, B, ...)
+            return t.view(groups, -1, *t.shape[1:])
+
         out: dict[str, torch.Tensor] = {}
         for m in metrics:
             if m not in a.stats or m not in b.stats:
                 raise ValueError(f"metric {m!r} was not prepared for both batches; prepare them with it in metrics")
             if m in ("spearman_abs", "spearman_signed", "hog"):
-                out[m] = _correlate(a.stats[m], b.stats[m])
+                out[m] = _correlate(one(a.stats[m]), grouped(b.stats[m]))
             elif m == "ssim":
-                out[m] = self._ssim.combine(a.absolute.float(), b.absolute.float(), a.stats[m], b.stats[m], 1.0, 0.01,
-                                            0.03, False).to(a.absolute.dtype)
+                stats_a = tuple(one(t) for t in a.stats[m])
+                stats_b = tuple(grouped(t) for t in b.stats[m])
+                out[m] = self._ssim.combine(one(a.absolute.float()), grouped(b.absolute.float()), stats_a, stats_b,
+                                            1.0, 0.01, 0.03, False).to(a.absolute.dtype)
             elif m == "topk":
                 mask_a, count, constant_a = a.stats[m]
                 mask_b, _, constant_b = b.stats[m]
-                out[m] = _intersection(mask_a, mask_b, int(count)).masked_fill(constant_a | constant_b, math.nan)
-        bad = ~(a.finite & b.finite)
+                out[m] = _intersection(one(mask_a), grouped(mask_b), int(count)).masked_fill(
+                    one(constant_a) | grouped(constant_b), math.nan)
+        bad = ~(one(a.finite) & grouped(b.finite))
         return {k: v.masked_fill(bad, math.nan) for k, v in out.items()}
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from lightning_lens.utils.checks import check_int
+
 __all__ = ["AttributeBins", "Binning", "apply_bins", "as_column", "fit_bins"]
 
 MISSING = "missing"
@@ -227,10 +229,8 @@ class Binning:
         """
         if not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a dict of attribute name -> values, got {type(metadata).__name__}")
-        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 2:
-            raise ValueError(f"n_bins must be an int >= 2, got {n_bins!r}")
-        if isinstance(max_categories, bool) or not isinstance(max_categories, int) or max_categories < 1:
-            raise ValueError(f"max_categories must be an int >= 1, got {max_categories!r}")
+        check_int(n_bins, "n_bins", minimum=2)
+        check_int(max_categories, "max_categories", minimum=1)
         categorical, numeric = set(categorical or ()), set(numeric or ())
         for arg, names in (("categorical", categorical), ("numeric", numeric)):
             unknown = names - set(metadata)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lightning_lens.slices.stats import hypergeom_sf
+from lightning_lens.utils.checks import check_int
 
 __all__ = ["PCABasis", "cluster_embeddings", "describe_clusters"]
 
@@ -44,8 +45,7 @@ class PCABasis:
         At most ``max_rows`` rows, drawn with a private generator seeded by ``seed``, are used: plenty for 32 axes.
         """
         x = _as_matrix(embeddings)
-        if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
-            raise ValueError(f"n_components must be a positive int, got {n_components!r}")
+        check_int(n_components, "n_components", minimum=1)
         if x.shape[0] > max_rows:
             x = x[np.sort(np.random.default_rng(seed).choice(x.shape[0], max_rows, replace=False))]
         n, d = x.shape

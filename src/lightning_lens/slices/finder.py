@@ -22,6 +22,7 @@ from lightning_lens.slices.stats import (
     welch_greater,
     wilson_interval,
 )
+from lightning_lens.utils.checks import check_choice
 
 __all__ = ["SliceFinder", "default_min_support", "find_slices"]
 
@@ -135,8 +136,7 @@ class SliceFinder:
         _check_fraction(alpha, "alpha")
         if isinstance(min_gap, bool) or not isinstance(min_gap, (int, float)) or min_gap < 0:
             raise ValueError(f"min_gap must be a number >= 0, got {min_gap!r}")
-        if test not in _TESTS:
-            raise ValueError(f"test must be one of {_TESTS}, got {test!r}")
+        check_choice(test, "test", _TESTS)
         if correction not in ("bh", "by"):
             raise ValueError(f"correction must be 'bh' or 'by', got {correction!r}")
         _check_fraction(score_alpha, "score_alpha")

@@ -12,6 +12,7 @@ from lightning_lens.interpretable_models.moe import moe_aux_loss, moe_layers
 from lightning_lens._pl import LightningModule
 from lightning_lens.testing.models import SmallCNN
 from lightning_lens.utils import BatchAccessor
+from lightning_lens.utils.checks import check_choice, check_int
 
 __all__ = ["LitClassifier"]
 
@@ -55,12 +56,10 @@ class LitClassifier(LightningModule):
         super().__init__()
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        check_int(num_classes, "num_classes", minimum=2)
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
+        check_choice(optimizer, "optimizer", _OPTIMIZERS)
         if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
         self.save_hyperparameters(ignore=["model"])
