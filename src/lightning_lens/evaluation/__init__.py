@@ -7,6 +7,7 @@
 * :func:`compute_quality`: any of them as flat scalars, as the callbacks log them.
 
 Example:
+    >>> import torch
     >>> from lightning_lens.evaluation import relevance_mass_accuracy
     >>> masks = torch.zeros(2, 1, 8, 8); masks[..., :4, :4] = 1
     >>> r = relevance_mass_accuracy(torch.rand(2, 1, 8, 8) * masks, masks)

@@ -420,11 +420,10 @@ def hog_features(
     g_row[:, 1:-1, :] = img[:, 2:, :] - img[:, :-2, :]
     g_col[:, :, 1:-1] = img[:, :, 2:] - img[:, :, :-2]
     magnitude = torch.hypot(g_col, g_row)[:, : rows * p, : cols * p]
-    orientation = torch.rad2deg(torch.atan2(g_row, g_col))[:, : rows * p, : cols * p]
-    # x % 180 for x in [-180, 180] (cheaper than a float remainder)
-    orientation = torch.where(orientation < 0, orientation + 180.0, orientation)
-    orientation = torch.where(orientation >= 180.0, orientation - 180.0, orientation)
-    bins = (orientation / (180.0 / orientations)).floor().long().clamp_(0, orientations - 1)
+    # unsigned orientation in [0, 180) (``remainder`` is exact here: x + 180 for x < 0, as numpy's ``%``), binned;
+    # in place, since each of these full-size passes costs more in fresh memory than in arithmetic
+    orientation = torch.atan2(g_row, g_col)[:, : rows * p, : cols * p].rad2deg_().remainder_(180.0)
+    bins = orientation.div_(180.0 / orientations).floor_().clamp_(0, orientations - 1).long()
     # every pixel adds its magnitude to (its cell, its bin): one scatter-add into the small (B, cells x bins) array
     cell_row = torch.arange(rows * p, device=img.device) // p
     cell_col = torch.arange(cols * p, device=img.device) // p
