@@ -2,8 +2,9 @@
 
 A cascade over ``S`` layers must explain the probes ``S + 1`` times (the original model, then every stage; a
 stochastic method once more for its ceiling control). Everything else is overhead: one deep copy, one forward pass
-to find the layers in execution order, re-initialization, normalization and five similarity metrics per stage, the
-floor control, the report. Target: the whole cascade within 1.3x of the time of those explanations.
+to find the layers in execution order, re-initialization, the normalization and five similarity metrics (the
+reference maps prepared once; all stages' maps prepared and compared in one batched call), the floor control, the
+report. Target: the whole cascade within 1.3x of the time of those explanations.
 
 Two ratios per configuration:
 

@@ -36,7 +36,7 @@ from lightning_lens.sanity._common import (
     private_copy,
 )
 from lightning_lens.sanity.layers import find_layers, reinitialize_
-from lightning_lens.sanity.report import Verdict, VerdictRule, _f
+from lightning_lens.sanity.report import MapComparison, VerdictRule, _f
 from lightning_lens.sanity.similarity import MapSimilarity
 from lightning_lens.utils import BatchAccessor, resolve_target
 from lightning_lens.utils.batch import _TARGET_KEYS
@@ -122,14 +122,12 @@ class PermutedLabels(Dataset):
 
 
 @dataclass
-class DataRandomizationReport:
-    """Result of :func:`data_randomization_test`.
+class DataRandomizationReport(MapComparison):
+    """Result of :func:`data_randomization_test`: a :class:`~lightning_lens.sanity.report.MapComparison` of the real
+    model's and the random-label model's maps (``similarity``, ``floor`` and ``ceiling`` on the real model,
+    ``verdicts``).
 
     Attributes:
-        similarity: ``{method: {metric: (B,)}}`` similarity of the real model's and the random-label model's maps.
-        floor, ceiling: ``{method: {metric: float}}`` controls on the real model (see
-            :class:`~lightning_lens.sanity.report.VerdictRule`).
-        verdicts: ``{method: Verdict}``.
         targets: ``(B,)`` classes explained.
         train_accuracy: the random-label model's accuracy on (up to ``eval_examples`` of) its permuted training
             labels: how well it memorized them. Chance is about ``1 / classes``.
@@ -139,10 +137,6 @@ class DataRandomizationReport:
         model: the random-label model (a ``LightningModule``).
     """
 
-    similarity: dict[str, dict[str, torch.Tensor]]
-    floor: dict[str, dict[str, float]]
-    ceiling: dict[str, dict[str, float]]
-    verdicts: dict[str, Verdict]
     targets: torch.Tensor
     train_accuracy: float
     probe_accuracy: float
@@ -164,19 +158,11 @@ class DataRandomizationReport:
         if self.train_accuracy < 0.5:
             lines.append("  warning: the random-label model fits under half of its labels; train longer (max_epochs)"
                          " for a conclusive test")
-        for name, d in self.similarity.items():
-            scores = ", ".join(f"{m} {_f(median(v))} (floor {_f(self.floor[name][m])})" for m, v in d.items())
-            lines.append(f"  {self.verdicts[name]}\n    {scores}")
-        return "\n".join(lines)
+        return "\n".join(lines + self._method_lines())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "epochs": self.epochs, "train_accuracy": self.train_accuracy, "probe_accuracy": self.probe_accuracy,
-            "targets": self.targets.tolist(),
-            "similarity": {n: {m: v.tolist() for m, v in d.items()} for n, d in self.similarity.items()},
-            "floor": self.floor, "ceiling": self.ceiling,
-            "verdicts": {n: v.to_dict() for n, v in self.verdicts.items()},
-        }
+        return {"epochs": self.epochs, "train_accuracy": self.train_accuracy, "probe_accuracy": self.probe_accuracy,
+                "targets": self.targets.tolist(), **self._comparison_dict()}
 
 
 @outside_inference_mode

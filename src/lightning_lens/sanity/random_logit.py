@@ -28,7 +28,7 @@ from lightning_lens.sanity._common import (
     predict,
     private_copy,
 )
-from lightning_lens.sanity.report import Verdict, VerdictRule, _f
+from lightning_lens.sanity.report import MapComparison, VerdictRule
 from lightning_lens.sanity.similarity import MapSimilarity
 from lightning_lens.utils import resolve_target
 from lightning_lens.utils.targets import Target
@@ -37,22 +37,16 @@ __all__ = ["RandomLogitResult", "random_logit"]
 
 
 @dataclass
-class RandomLogitResult:
-    """Result of :func:`random_logit`.
+class RandomLogitResult(MapComparison):
+    """Result of :func:`random_logit`: a :class:`~lightning_lens.sanity.report.MapComparison` of the maps of the
+    target class and of another class (``similarity``, ``floor``, ``ceiling``, ``verdicts``).
 
     Attributes:
-        similarity: ``{method: {metric: (B,)}}`` similarity of the target-class and other-class maps.
-        floor, ceiling: ``{method: {metric: float}}`` controls.
         targets: ``(B,)`` explained classes; ``other_targets``: ``(B,)`` the random other classes.
-        verdicts: ``{method: Verdict}``.
     """
 
-    similarity: dict[str, dict[str, torch.Tensor]]
-    floor: dict[str, dict[str, float]]
-    ceiling: dict[str, dict[str, float]]
     targets: torch.Tensor
     other_targets: torch.Tensor
-    verdicts: dict[str, Verdict]
 
     def to_table(self) -> tuple[list[str], list[list[Any]]]:
         metrics = sorted({m for d in self.similarity.values() for m in d})
@@ -64,18 +58,11 @@ class RandomLogitResult:
     def summary(self) -> str:
         lines = ["Random-logit test (Sixt et al. 2020): similarity of the maps of the target class and of a random"
                  " other class (lower is better)"]
-        for name, d in self.similarity.items():
-            scores = ", ".join(f"{m} {_f(median(v))} (floor {_f(self.floor[name][m])})" for m, v in d.items())
-            lines.append(f"  {self.verdicts[name]}\n    {scores}")
-        return "\n".join(lines)
+        return "\n".join(lines + self._method_lines())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "targets": self.targets.tolist(), "other_targets": self.other_targets.tolist(),
-            "similarity": {n: {m: v.tolist() for m, v in d.items()} for n, d in self.similarity.items()},
-            "floor": self.floor, "ceiling": self.ceiling,
-            "verdicts": {n: v.to_dict() for n, v in self.verdicts.items()},
-        }
+        return {"targets": self.targets.tolist(), "other_targets": self.other_targets.tolist(),
+                **self._comparison_dict()}
 
 
 @outside_inference_mode
@@ -130,4 +117,4 @@ def random_logit(
         floors[m.name], ceilings[m.name] = ref.floor, ref.ceiling
         verdicts[m.name] = rule.judge(m.name, {k: v.unsqueeze(0) for k, v in sims[m.name].items()}, ref.floor,
                                       ref.ceiling)
-    return RandomLogitResult(sims, floors, ceilings, targets.cpu(), others.cpu(), verdicts)
+    return RandomLogitResult(sims, floors, ceilings, verdicts, targets=targets.cpu(), other_targets=others.cpu())

@@ -28,9 +28,10 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from lightning_lens.sanity._common import median as _median
 from lightning_lens.sanity.similarity import ALL_METRICS
 
-__all__ = ["MethodResult", "RandomizationReport", "Verdict", "VerdictRule"]
+__all__ = ["MapComparison", "MethodResult", "RandomizationReport", "Verdict", "VerdictRule"]
 
 Outcome = Literal["passes", "fails", "inconclusive"]
 
@@ -161,6 +162,39 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _jsonable(getattr(self, k)) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class MapComparison:
+    """Per-method similarity of the original maps with one other set of maps of the same inputs (maps of another
+    class, of a random-label model), with its controls and verdicts: the common part of
+    :class:`~lightning_lens.sanity.RandomLogitResult` and :class:`~lightning_lens.sanity.DataRandomizationReport`.
+
+    Attributes:
+        similarity: ``{method: {metric: (B,)}}`` similarity of the two sets of maps.
+        floor, ceiling: ``{method: {metric: float}}`` controls (see :class:`VerdictRule`).
+        verdicts: ``{method: Verdict}``.
+    """
+
+    similarity: dict[str, dict[str, torch.Tensor]]
+    floor: dict[str, dict[str, float]]
+    ceiling: dict[str, dict[str, float]]
+    verdicts: dict[str, Verdict]
+
+    def _method_lines(self) -> list[str]:
+        """One summary entry per method: its verdict, then each metric's median and floor."""
+        lines = []
+        for name, d in self.similarity.items():
+            scores = ", ".join(f"{m} {_f(_median(v))} (floor {_f(self.floor[name][m])})" for m, v in d.items())
+            lines.append(f"  {self.verdicts[name]}\n    {scores}")
+        return lines
+
+    def _comparison_dict(self) -> dict[str, Any]:
+        return {
+            "similarity": {n: {m: v.tolist() for m, v in d.items()} for n, d in self.similarity.items()},
+            "floor": self.floor, "ceiling": self.ceiling,
+            "verdicts": {n: v.to_dict() for n, v in self.verdicts.items()},
+        }
 
 
 @dataclass

@@ -113,9 +113,10 @@ def _sort_signed_by_magnitude(signed: torch.Tensor, magnitude_order: torch.Tenso
     negative = by_magnitude < 0
     negatives_so_far = negative.cumsum(dim=1)
     num_negative = negatives_so_far[:, -1:]
-    position = torch.arange(n, device=signed.device).expand_as(negatives_so_far)
-    # the j-th negative (1-based) goes to num_negative - j; the others keep their order after all the negatives
-    destination = torch.where(negative, num_negative - negatives_so_far, num_negative + position - negatives_so_far)
+    position = torch.arange(n, device=signed.device)
+    # the j-th negative (1-based) goes to num_negative - j; the entry at position p with j negatives before it
+    # goes to num_negative + p - j (the others keep their order after all the negatives)
+    destination = (~negative * position).add_(num_negative).sub_(negatives_so_far)
     values = torch.empty_like(by_magnitude).scatter_(1, destination, by_magnitude)
     return values, torch.empty_like(magnitude_order).scatter_(1, destination, magnitude_order)
 
@@ -171,7 +172,7 @@ def _absolute_scaler(magnitude: torch.Tensor, clip_percentile: Optional[float],
         vmin = magnitude.amin(dim=1, keepdim=True)
         vmax = magnitude.amax(dim=1, keepdim=True) if clip_percentile is None else _percentile(magnitude,
                                                                                                 clip_percentile)
-    return lambda t: _scale(t - vmin, vmax - vmin).clamp(0, 1)
+    return lambda t: _scale(t - vmin, vmax - vmin).clamp_(0, 1)
 
 
 def _signed_scaler(signed: torch.Tensor, clip_percentile: Optional[float],
@@ -182,7 +183,7 @@ def _signed_scaler(signed: torch.Tensor, clip_percentile: Optional[float],
         span = _abs_percentile_of_sorted(sorted_signed, clip_percentile)
     else:
         span = _percentile(signed.abs(), clip_percentile)
-    return lambda t: _scale(t, span).clamp(-1, 1)
+    return lambda t: _scale(t, span).clamp_(-1, 1)
 
 
 def normalize_absolute(maps: torch.Tensor, clip_percentile: Optional[float] = 99.0) -> torch.Tensor:
@@ -218,7 +219,7 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
     """Rows centered and scaled to unit norm (so a Pearson correlation is a dot product); ``nan`` rows if constant
     (0 / 0)."""
     xc = x - x.mean(dim=1, keepdim=True)
-    return xc / xc.square().sum(dim=1, keepdim=True).sqrt()
+    return xc.div_(xc.square().sum(dim=1, keepdim=True).sqrt())
 
 
 def _correlate(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
@@ -689,6 +690,12 @@ class MapSimilarity:
         ``stacked`` holds the ``S`` batches one after another along the batch (rows ``s * B ... s * B + B - 1``
         are batch ``s``), e.g. every stage of a randomization test prepared in one call. Row ``s`` equals
         ``compare(reference, batch s)``; the reference is broadcast, not repeated.
+
+        Example:
+            >>> sim = MapSimilarity()
+            >>> reference = sim.prepare(torch.rand(2, 1, 16, 16))
+            >>> sim.compare_stacked(reference, sim.prepare(torch.rand(6, 1, 16, 16)))["spearman_abs"].shape
+            torch.Size([3, 2])
         """
         size = len(reference)
         if reference.absolute.shape[1:] != stacked.absolute.shape[1:] or len(stacked) % size:
