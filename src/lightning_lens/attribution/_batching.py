@@ -38,12 +38,16 @@ def check_batch_size(batch_size: Optional[int], argument: str = "batch_size") ->
     return None if batch_size is None else check_int(batch_size, argument, minimum=1)
 
 
+def default_rows(elements_per_row: int) -> int:
+    """Rows per forward that fit the element budget (at least one)."""
+    return max(1, DEFAULT_ELEMENT_BUDGET // max(1, elements_per_row))
+
+
 def resolve_batch_size(batch_size: Optional[int], batch: int, elements_per_row: int) -> int:
     """Rows per forward: ``batch_size`` if given, else the element budget rounded down to whole samples of the batch."""
     if batch_size is not None:
         return batch_size
-    rows = max(1, DEFAULT_ELEMENT_BUDGET // max(1, elements_per_row))
-    return max(batch, (rows // batch) * batch)
+    return max(batch, (default_rows(elements_per_row) // batch) * batch)
 
 
 def blocks(n_samples: int, batch: int, batch_size: int) -> Iterator[Block]:

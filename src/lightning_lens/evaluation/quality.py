@@ -93,7 +93,7 @@ def compute_quality(
     metrics: Sequence[str],
     *,
     options: Optional[Mapping[str, Mapping[str, Any]]] = None,
-    batch_size: int = 128,
+    batch_size: Optional[int] = None,
     seed: int = 0,
 ) -> dict[str, float]:
     """Explanation-quality scalars of one method on one batch.
@@ -110,7 +110,8 @@ def compute_quality(
         options: per-metric keyword arguments, keyed by ``"deletion"``, ``"insertion"``, ``"pointing_game"``,
             ``"relevance_mass"``, ``"relevance_rank"`` or ``"max_sensitivity"``, e.g.
             ``{"deletion": {"n_steps": 16, "substrate": "mean"}, "pointing_game": {"tolerance": 2}}``.
-        batch_size: the most perturbed inputs per forward (deletion/insertion) or per explanation call
+        batch_size: the most perturbed inputs per forward (deletion/insertion; default: an element budget, see
+            :func:`~lightning_lens.evaluation.perturbation_curve`) or per explanation call
             (max-sensitivity, capped at 64).
         seed: seed of the private generators (random orderings, ties, perturbation noise).
 
@@ -194,7 +195,7 @@ def compute_quality(
         elif name == "max_sensitivity":
             if explainer is None:
                 raise ValueError("max_sensitivity recomputes explanations: pass the method")
-            kwargs = {"batch_size": min(batch_size, 64), "seed": seed, **options.get("max_sensitivity", {})}
+            kwargs = {"batch_size": 64 if batch_size is None else min(batch_size, 64), "seed": seed, **options.get("max_sensitivity", {})}
             result = max_sensitivity(explainer, x, targets, attributions=attributions, model=model, **kwargs)
             out[name] = result.value
     return out
