@@ -61,7 +61,7 @@ class SaliencyMapCallback(ProbeCallback):
     lightning-lens callback of the same trainer that already holds probes. They stay fixed across epochs and across
     checkpoint resume (:meth:`state_dict`). Every ``every_n_epochs``-th epoch (and on every ``trainer.validate()``)
     each method explains the probes with the unwrapped LightningModule in eval mode, with gradients taken only with
-    respect to the inputs: training is never changed (no ``.backward()``, no parameter ``.grad``, modes and buffers
+    respect to the inputs: training is never changed (no parameter ``.grad``, modes and buffers
     restored, no global RNG), and it works under ``trainer.validate()`` with ``inference_mode=True``.
 
     The probes come from the first validation dataloader. The LightningModule's ``forward`` must map the batch's input

@@ -1,7 +1,7 @@
 """Rendering for humans: attribution heatmaps and overlays, labelled image grids, line and matrix plots.
 
 Everything returns uint8 (H, W, 3) numpy arrays or ``matplotlib.figure.Figure`` objects built through the object
-API with an Agg canvas: no pyplot global state, never ``plt.show``, safe in training processes and DDP workers.
+API with an Agg canvas: no pyplot global state, never opens a window, safe in training processes and DDP workers.
 
 Colour conventions: signed maps on a diverging colormap centred at 0 (``RdBu_r``: blue negative, red positive),
 absolute maps on a sequential one (``inferno``); channels aggregated by ``reduce`` (``"sum"`` by default), the scale
