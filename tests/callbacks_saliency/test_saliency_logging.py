@@ -43,7 +43,8 @@ def test_tensorboard_holds_a_grid_and_scalars_per_method_per_logged_epoch(
     Trainer(**trainer_kwargs(max_epochs=2, logger=logger, callbacks=[cb])).fit(model, train, val)
 
     ea = read_tensorboard(logger.log_dir)
-    steps = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]  # one per epoch; nothing from the sanity check at step 0
+    # one per epoch, at the step Lightning logs val/* at (one less than global_step then); nothing from the sanity check
+    steps = [STEPS_PER_EPOCH - 1, 2 * STEPS_PER_EPOCH - 1]
     assert sorted(ea.Tags()["images"]) == sorted(f"saliency/{m}" for m in fast["methods"])
     for name in fast["methods"]:
         events = ea.Images(f"saliency/{name}")
@@ -78,7 +79,7 @@ def test_every_n_epochs_and_the_methods_x_probes_layout(tmp_path, loaders, train
 
     ea = read_tensorboard(logger.log_dir)
     assert ea.Tags()["images"] == ["saliency/methods_x_probes"]
-    assert [e.step for e in ea.Images("saliency/methods_x_probes")] == [2 * STEPS_PER_EPOCH]  # epoch 2 of 3 only
+    assert [e.step for e in ea.Images("saliency/methods_x_probes")] == [2 * STEPS_PER_EPOCH - 1]  # epoch 2 of 3 only
     assert not [t for t in ea.Tags()["scalars"] if t.startswith("saliency/")]
     image = _png(ea.Images("saliency/methods_x_probes")[0].encoded_image_string)
     assert image.shape[1] > image.shape[0]  # 3 rows (input, gradient, gradcam) x 3 probe columns plus labels
@@ -161,10 +162,10 @@ def test_csv_logger_gets_png_files_and_scalar_columns(tmp_path, loaders, trainer
 
     for name in ("gradient", "gradcam"):
         files = sorted(glob.glob(os.path.join(logger.log_dir, "lens", "saliency", name, "step_*.png")))
-        assert [os.path.basename(f) for f in files] == ["step_0000002.png", "step_0000004.png"]
+        assert [os.path.basename(f) for f in files] == ["step_0000001.png", "step_0000003.png"]
         with open(files[-1], "rb") as f:
             assert _png(f.read()).ndim == 3
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     logged = [r for r in rows if r.get("saliency/gradient/mean_abs")]
-    assert [int(r["step"]) for r in logged] == [2, 4]
+    assert [int(r["step"]) for r in logged] == [1, 3]

@@ -103,9 +103,9 @@ def test_time_budget_skips_methods_with_a_warning_and_rotates_them(tmp_path, loa
     ea = read_tensorboard(logger.log_dir)
     # one method fits per epoch; the skipped ones go first the next time, so every method is logged in turn
     assert {t: [e.step for e in ea.Images(t)] for t in ea.Tags()["images"]} == {
-        "saliency/gradient": [2], "saliency/gradcam": [4], "saliency/integrated_gradients": [6]
+        "saliency/gradient": [1], "saliency/gradcam": [3], "saliency/integrated_gradients": [5]
     }
-    assert [(s.step, s.value) for s in ea.Scalars("saliency/skipped_methods")] == [(2, 2.0), (4, 2.0), (6, 2.0)]
+    assert [(s.step, s.value) for s in ea.Scalars("saliency/skipped_methods")] == [(1, 2.0), (3, 2.0), (5, 2.0)]
 
 
 def test_quality_metrics_are_logged_per_method_and_region(tmp_path, loaders, trainer_kwargs, read_tensorboard):
@@ -152,4 +152,5 @@ def test_ddp_ranks_share_the_probes_and_only_rank_zero_logs(tmp_path, read_tenso
     assert ranks[0]["computed"] == ["gradcam", "gradient"] and ranks[1]["computed"] == []
     ea = read_tensorboard(str(tmp_path / "tb"))  # exactly one event file: rank 0's
     for name in ("gradient", "gradcam"):
-        assert [e.step for e in ea.Images(f"saliency/{name}")] == [2, 4]  # 64 digits / 16 per batch / 2 ranks
+        # 64 digits / 16 per batch / 2 ranks = 2 steps per epoch; logged at Lightning's val step (global_step - 1)
+        assert [e.step for e in ea.Images(f"saliency/{name}")] == [1, 3]

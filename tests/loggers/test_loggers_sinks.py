@@ -129,3 +129,28 @@ def test_bad_arguments_name_the_problem(tmp_path):
         sinks.log_image(trainer, "", _checker())
     with pytest.raises(ValueError, match="must be a scalar"):
         sinks.log_scalars(trainer, {"m": torch.ones(2)})
+
+
+def test_images_share_the_step_of_lightnings_own_validation_scalars(tmp_path):
+    from pytorch_lightning import Callback, Trainer, seed_everything
+    from torch.utils.data import DataLoader, Subset
+
+    from lightning_lens.datasets import SpuriousDigits
+    from lightning_lens.testing import LitClassifier
+
+    class ImageEachValidation(Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                sinks.log_image(trainer, "probe", _checker())
+
+    seed_everything(0)
+    data = SpuriousDigits("train", seed=0)
+    tb = TensorBoardLogger(save_dir=tmp_path, name="align")
+    trainer = Trainer(max_epochs=2, logger=tb, callbacks=[ImageEachValidation()], enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                      default_root_dir=tmp_path)
+    trainer.fit(LitClassifier(), DataLoader(Subset(data, range(64)), batch_size=16),
+                DataLoader(Subset(data, range(32)), batch_size=16))
+    ea = _events(tb)
+    image_steps = [e.step for e in ea.Images("probe")]
+    assert image_steps == [e.step for e in ea.Scalars("val/acc")] == [3, 7]

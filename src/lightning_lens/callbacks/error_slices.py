@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lens._pl import Callback, pl, rank_zero_warn
-from lightning_lens.loggers import log_image, log_json, log_scalars, log_table
+from lightning_lens.loggers import log_image, log_json, log_scalars, log_table, logging_step
 from lightning_lens.slices import Slice, SliceFinder
 from lightning_lens.slices.binning import as_column
 from lightning_lens.utils import BatchAccessor, preserve_modes, resolve_module
@@ -370,7 +370,7 @@ class SubgroupErrorSlices(Callback):
 
     # ------------------------------------------------------------------------------------------------ analysis
     def _analyse(self, trainer: "pl.Trainer", data: Optional[dict[str, Any]]) -> dict[str, Any]:
-        epoch, step = trainer.current_epoch, trainer.global_step
+        epoch, step = trainer.current_epoch, logging_step(trainer)
         if data is None or data["id"].size == 0:
             return {"tracked": self.tracked, "finder": self.finder.state_dict(), "worst_accuracy": None,
                     "n_samples": 0, "slices": []}

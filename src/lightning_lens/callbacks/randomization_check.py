@@ -241,7 +241,7 @@ class RandomizationSanityCheck(ProbeCallback):
     def _log(self, trainer: "pl.Trainer", report: Any, probes: ProbeSet) -> None:
         from lightning_lens import loggers
 
-        step = trainer.global_step
+        step = loggers.logging_step(trainer)
         if self.grid_probes:
             image = self._cascade_grid(report, probes)
             if image is not None:

@@ -267,7 +267,7 @@ class SaliencyMapCallback(ProbeCallback):
         from lightning_lens import loggers
 
         self._bind_methods(pl_module)
-        step = trainer.global_step
+        step = loggers.logging_step(trainer)
         start = time.perf_counter()
         computed: dict[str, torch.Tensor] = {}
         scalars: dict[str, float] = {}

@@ -12,7 +12,17 @@ from lightning_lens.loggers.sinks import (
     log_scalars,
     log_table,
     log_text,
+    logging_step,
     table_to_markdown,
 )
 
-__all__ = ["log_figure", "log_image", "log_json", "log_scalars", "log_table", "log_text", "table_to_markdown"]
+__all__ = [
+    "log_figure",
+    "log_image",
+    "log_json",
+    "log_scalars",
+    "log_table",
+    "log_text",
+    "logging_step",
+    "table_to_markdown",
+]

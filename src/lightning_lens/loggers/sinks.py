@@ -27,8 +27,18 @@ _warned: set[str] = set()
 
 
 # --------------------------------------------------------------------------------------------------------------- utils
+def logging_step(trainer: Any) -> int:
+    """The step Lightning itself logs metrics at, so images line up with ``val/*`` scalars on the step slider.
+
+    Lightning logs with the count of batches that stepped the optimizer; during the validation that ends a training
+    epoch it is one behind ``global_step`` (it is increased after validation). Without a fit loop: ``global_step``.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
 def _step(trainer: Any, step: Optional[int]) -> int:
-    return int(trainer.global_step if step is None else step)
+    return logging_step(trainer) if step is None else int(step)
 
 
 def _kind(logger: Any) -> str:
@@ -158,7 +168,8 @@ def log_image(
         trainer: the Lightning trainer whose loggers receive the image.
         tag: name such as ``"saliency/gradient"``; TensorBoard tag, W&B key, or folder under ``<log_dir>/lens``.
         image: uint8 ``(H, W[, C])`` array, or a float ``(C, H, W)`` tensor / ``(H, W, C)`` array in ``[0, 1]``.
-        step: defaults to ``trainer.global_step``.
+        step: defaults to the step Lightning logs its own metrics at (``global_step``, or one less during the
+            validation that ends a training epoch).
         caption: shown by W&B; written beside the file for file loggers.
 
     Example:
