@@ -77,8 +77,6 @@ def registered_name(factory: Any) -> Optional[str]:
     return next((key for key, f in _REGISTRY.items() if f is factory), None)
 
 
-_canonical = canonical_name
-
 
 def available_methods() -> list[str]:
     """The registered method names (aliases such as ``"saliency"`` or ``"ig"`` are accepted too).
@@ -100,7 +98,7 @@ def get_method(name: str, model: Optional[nn.Module], **kwargs: Any) -> Attribut
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a method name (str), got {type(name).__name__}")
-    key = _canonical(name)
+    key = canonical_name(name)
     if key not in _REGISTRY:
         raise ValueError(f"unknown attribution method {name!r}; available: {', '.join(available_methods())}")
     try:
@@ -122,7 +120,7 @@ def register_method(name: str, factory: Factory, *, overwrite: bool = False) -> 
         raise ValueError(f"name must be a non-empty str, got {name!r}")
     if not callable(factory):
         raise TypeError(f"factory must be callable as factory(model, **kwargs), got {type(factory).__name__}")
-    key = _canonical(name)
+    key = canonical_name(name)
     if key in _REGISTRY and not overwrite:
         raise ValueError(f"an attribution method is already registered as {key!r}; pass overwrite=True to replace it")
     _REGISTRY[key] = factory

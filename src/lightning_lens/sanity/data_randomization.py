@@ -238,6 +238,8 @@ def data_randomization_test(
     twin = _trainable_copy(module)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
+        # the twin's fit draws dropout and shuffling from the global RNG: seeded for reproducibility, and fork_rng
+        # restores the caller's state afterwards, so the user's training is untouched
         torch.manual_seed(seed)
         if reinitialize:
             generator = torch.Generator().manual_seed(seed)
