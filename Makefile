@@ -21,6 +21,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[bench]'
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
 
 clean:

@@ -11,13 +11,14 @@ def lazy_exports(package: str, names: dict[str, str]) -> tuple[Callable[[str], A
 
     Args:
         package: the package's ``__name__``.
-        names: public name -> submodule (relative, without the leading dot).
+        names: public name -> submodule (relative, without the leading dot; each extra leading dot goes one package
+            up, so ``".lightning_modules"`` names ``lightning_lens.lightning_modules`` from a subpackage).
     """
 
     def __getattr__(name: str) -> Any:
         if name not in names:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        module = importlib.import_module(f"{package}.{names[name]}")
+        module = importlib.import_module(f".{names[name]}", package)
         return getattr(module, name)
 
     def __dir__() -> list[str]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lens.attribution import GradCAM, GuidedBackprop, GuidedGradCAM
+from lightning_lens.attribution import GradCAM, GuidedBackprop, GuidedGradCAM, HiResCAM
 from lightning_lens.attribution.gradcam import last_spatial_layer
 
 X = torch.arange(16, dtype=torch.float).view(1, 1, 4, 4)
@@ -73,7 +73,7 @@ def test_dotted_layer_names_and_clear_errors(tiny_cnn, images):
         GradCAM(tiny_cnn, "features.9")
     with pytest.raises(ValueError, match="not a submodule"):
         GradCAM(tiny_cnn, nn.Conv2d(1, 1, 1))
-    with pytest.raises(ValueError, match="no\\s+submodule of the model produced one"):
+    with pytest.raises(ValueError, match=r"layer=None .* no such submodule \(models such as an MLP .*pass layer="):
         GradCAM(nn.Sequential(nn.Linear(3, 2))).attribute(torch.rand(2, 3))
     with pytest.raises(ValueError, match="Grad-CAM needs a"):
         GradCAM(tiny_cnn, "classifier").attribute(images)
@@ -164,3 +164,36 @@ def test_hirescam_is_gradient_times_activation_and_sums_to_the_score():
     torch.testing.assert_close(cam.sum((1, 2, 3)), model(x).gather(1, target[:, None]).squeeze(1) - b[target])
     relu_cam = get_method("hirescam", model, layer="layer", upsample=False).attribute(x, target=target)
     torch.testing.assert_close(relu_cam, expected.clamp(min=0))
+
+
+def _gap_cnn() -> nn.Sequential:
+    """A CNN whose last 4-D output is a global average pool (1 x 1), as ResNets end."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+
+
+@pytest.mark.parametrize("cls", [GradCAM, HiResCAM, GuidedGradCAM])
+def test_default_layer_skips_a_global_average_pool(cls):
+    # regression: layer=None picked the pool (1 x 1 output) and returned a constant map without a word
+    model = _gap_cnn()
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(cls(model).attribute(x, target=target), cls(model, "2").attribute(x, target=target))
+    signed = cls(model, relu=False).attribute(x, target=target)  # without the ReLU, which may zero a whole map
+    torch.testing.assert_close(signed, cls(model, "2", relu=False).attribute(x, target=target))
+    assert bool((signed.flatten(1).std(dim=1) > 1e-3 * signed.abs().amax()).all())  # not one constant per image
+    chosen = cls(model)
+    chosen.attribute(x, target=0)
+    assert (chosen.gradcam if cls is GuidedGradCAM else chosen).layer_name == "2"
+
+
+def test_no_spatial_layer_is_a_value_error_naming_layer():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"layer=None .*MLP or a transformer.*pass layer=<module or dotted name>"):
+        GradCAM(mlp).attribute(torch.rand(2, 3, 2, 2))
+    only_pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"only modules with a 1 x 1 spatial output, e.g. '0'.*pass layer="):
+        HiResCAM(only_pooled).attribute(torch.rand(2, 3, 4, 4))

@@ -30,7 +30,8 @@ def test_names_use_the_registry_spelling_and_the_objects_name():
 
 
 def test_a_factory_without_a_name_or_an_unknown_name_is_refused():
-    with pytest.raises(ValueError, match=r"'grad_cam_pp' is not a known attribution method; available: \[.*'gradcam'"):
+    with pytest.raises(ValueError, match=r"unknown attribution method 'grad_cam_pp' \(did you mean 'gradcam'\?\);"
+                                         r" available: \[.*'gradcam'"):
         method_name("grad_cam_pp")
     with pytest.raises(TypeError, match="has no string .name"):
         method_name(lambda model: Gradient(model))

@@ -120,8 +120,21 @@ def test_available_metrics_and_errors():
         compute_quality(model, None, x, maps, targets, masks, ["max_sensitivity"])
     with pytest.raises(ValueError, match="pass attributions"):
         compute_quality(model, None, x, None, targets, masks, ["relevance_mass"])
-    with pytest.raises(TypeError, match=r"Gradient\(model\), not the class"):
-        compute_quality(model, Gradient, x, None, targets, masks, ["relevance_mass"])
+    with pytest.raises(TypeError, match=r"explain functions take \(model, inputs, target\)"):
+        compute_quality(model, lambda inputs, target: inputs, x, None, targets, masks, ["relevance_mass"])
+
+
+def test_every_method_spec_form_gives_the_same_values():
+    # one resolution path (the registry's): a name, a class, an object and an explain function are the same method
+    model, x, targets, masks = _setup()
+
+    def gradient(model, inputs, target):
+        return Gradient(model).attribute(inputs, target=target)
+
+    metrics = ["relevance_mass", "max_sensitivity"]
+    expected = compute_quality(model, Gradient(model), x, None, targets, masks, metrics)
+    for spec in ("gradient", "saliency", Gradient, gradient):
+        assert compute_quality(model, spec, x, None, targets, masks, metrics) == expected
 
 
 def test_global_rng_modes_and_grads_untouched_under_inference_mode():

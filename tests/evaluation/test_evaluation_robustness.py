@@ -46,7 +46,8 @@ def test_gradient_x_input_sensitivity_is_bounded_by_the_radius():
 
 def test_identity_explanation_with_inf_norm_approaches_the_radius():
     x = torch.rand(3, 50)
-    result = max_sensitivity(lambda inputs, target: inputs, x, radius=0.2, n_samples=30, norm="inf", normalize=False)
+    result = max_sensitivity(lambda model, inputs, target: inputs, x, radius=0.2, n_samples=30, norm="inf",
+                             normalize=False)
     assert (result.scores <= 0.2 + 1e-6).all() and (result.scores > 0.19).all()  # max |d| over 1500 draws
     assert result.normalized is False and result.norm == "inf"
 
@@ -84,7 +85,7 @@ def test_target_is_fixed_to_the_clean_prediction():
 
 def test_all_zero_explanations_are_excluded_and_counted():
     x = torch.rand(2, 4)
-    result = max_sensitivity(lambda inputs, target: inputs * (inputs[:, :1] > 10), x, n_samples=2)
+    result = max_sensitivity(lambda model, inputs, target: inputs * (inputs[:, :1] > 10), x, n_samples=2)
     assert result.n_zero_maps == 2 and math.isnan(result.value)
 
 
@@ -102,13 +103,15 @@ def test_modes_restored_and_inference_mode():
 
 def test_bad_arguments():
     x = torch.rand(2, 4)
-    with pytest.raises(TypeError, match="explainer must be"):
+    with pytest.raises(TypeError, match="explainer: a method must be"):
         max_sensitivity(3, x)
+    with pytest.raises(TypeError, match=r"explain functions take \(model, inputs, target\)"):
+        max_sensitivity(lambda inputs, target: inputs, x)  # the old two-argument form
     with pytest.raises(ValueError, match="radius"):
-        max_sensitivity(lambda i, t: i, x, radius=0)
+        max_sensitivity(lambda m, i, t: i, x, radius=0)
     with pytest.raises(ValueError, match="n_samples"):
-        max_sensitivity(lambda i, t: i, x, n_samples=0)
+        max_sensitivity(lambda m, i, t: i, x, n_samples=0)
     with pytest.raises(ValueError, match="norm must be one of"):
-        max_sensitivity(lambda i, t: i, x, norm="l1")
+        max_sensitivity(lambda m, i, t: i, x, norm="l1")
     with pytest.raises(ValueError, match="explainer returned"):
-        max_sensitivity(lambda i, t: i[:, :2], x, attributions=x)
+        max_sensitivity(lambda m, i, t: i[:, :2], x, attributions=x)

@@ -93,8 +93,10 @@ def test_errors_name_the_argument():
         image_grid(cells, row_labels=["a", "b"])
     with pytest.raises(ValueError, match="col_labels"):
         image_grid(cells, col_labels=["a", "b"])
-    with pytest.raises(ValueError, match="list of rows"):
+    with pytest.raises(TypeError, match="list of rows"):
         image_grid([_solid((0, 0, 0))])
+    with pytest.raises(TypeError, match="cells must be a list of rows"):
+        image_grid(_solid((0, 0, 0)))
     with pytest.raises(ValueError, match="cell_size"):
         image_grid(cells, cell_size=0)
     with pytest.raises(ValueError, match=r"cells\[0\]\[1\]"):

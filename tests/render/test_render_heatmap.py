@@ -156,6 +156,27 @@ def test_to_rgb_uint8():
         to_rgb_uint8(torch.zeros(3, 4, 4), denormalize=lambda t: t[0])
 
 
+def test_denormalize_count_message_reads_right_for_one_channel():
+    # issue 11: a grey image with RGB statistics was told it "needs 1 or 1 values"
+    with pytest.raises(ValueError, match=r"needs 1 value each for a 1-channel image, got 3 and 3"):
+        to_rgb_uint8(torch.zeros(1, 4, 4), denormalize=([0.5, 0.5, 0.5], [0.2, 0.2, 0.2]))
+    with pytest.raises(ValueError, match=r"needs 1 or 3 values each for a 3-channel image, got 2 and 1"):
+        to_rgb_uint8(torch.zeros(3, 4, 4), denormalize=([0.5, 0.5], [0.2]))
+
+
+def test_wrong_types_raise_type_errors_naming_the_argument():
+    with pytest.raises(TypeError, match="clip_percentile must be a number, got str"):
+        heatmap(torch.zeros(4, 4), clip_percentile="99")
+    with pytest.raises(TypeError, match="vmax must be a number"):
+        heatmap(torch.zeros(4, 4), vmax="1")
+    with pytest.raises(TypeError, match="cmap must be a str or Colormap"):
+        heatmap(torch.zeros(4, 4), cmap=3)
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        overlay(torch.zeros(1, 4, 4), torch.zeros(4, 4), alpha="half")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        to_rgb_uint8(torch.zeros(1, 4, 4), scale="log")
+
+
 def test_overlay():
     image = torch.rand(3, 16, 16)
     base = to_rgb_uint8(image)

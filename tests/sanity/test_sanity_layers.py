@@ -177,3 +177,33 @@ def test_reinitialization_is_deterministic_per_seed():
             reinitialize_(layer, torch.Generator().manual_seed(seed))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a.head.weight, c.head.weight)
+
+
+def test_each_module_draws_from_its_own_seed_and_the_global_rng_is_untouched():
+    # the values re-drawn are pinned: module by module, a seed from the private generator, reset_parameters under
+    # torch's global RNG seeded with it (forked); a custom init_fn drawing from the global RNG leaves it alone too
+    model = _trained(OutOfOrder())
+    expected = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.Generator().manual_seed(3)
+    layers = find_layers(model, torch.zeros(1, 1, 6, 6))[0]
+    expected_layers = find_layers(expected, torch.zeros(1, 1, 6, 6))[0]
+    rng = torch.get_rng_state()
+    for layer, twin in zip(layers, expected_layers):
+        reinitialize_(layer, generator, init_fn=lambda name, p, g: p.normal_())
+        for _, module in twin.modules:
+            seed = int(torch.randint(0, 2**62, (1,), generator=reference))
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                module.reset_parameters()
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), expected.parameters()))
+    # a parameter no reset covers goes to init_fn, whose global-RNG draws stay inside the fork as well
+    scaled = _trained(Scaled())
+    rng = torch.get_rng_state()
+    fallback = []
+    for layer in find_layers(scaled, torch.zeros(2, 3))[0]:
+        reinitialize_(layer, torch.Generator().manual_seed(0), init_fn=lambda name, p, g: p.normal_())
+        fallback += layer.fallback
+    assert fallback == ["scale"]
+    assert torch.equal(rng, torch.get_rng_state())

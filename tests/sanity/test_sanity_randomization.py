@@ -270,3 +270,125 @@ def test_efficient_mprt_and_random_logit_on_untrained_model():
     assert logit.similarity["gradient"]["ssim"].shape == (6,)
     json.dumps(logit.to_dict())
     assert "Random-logit" in logit.summary() and not math.isnan(logit.floor["gradient"]["spearman_abs"])
+
+
+# ------------------------------------------------------------------------------------- the fast path and its reference
+class TinyConvNet(nn.Module):
+    """Two convolutions (BatchNorm, max-pooling) and a head: the layers the channels-last copy speeds up."""
+
+    def __init__(self, flatten_with_view: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.head = nn.Linear(6 * 3 * 3, 4)
+        self.flatten_with_view = flatten_with_view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.max_pool2d(torch.relu(self.bn(self.conv1(x))), 2)
+        h = nn.functional.max_pool2d(torch.relu(self.conv2(h)), 2)
+        # ``.view`` needs the default layout: a channels-last feature map cannot be viewed as (B, -1)
+        return self.head(h.view(h.shape[0], -1) if self.flatten_with_view else h.flatten(1))
+
+
+def _tiny_net(flatten_with_view: bool = False) -> TinyConvNet:
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        model = TinyConvNet(flatten_with_view)
+        model.train()
+        model(torch.randn(16, 3, 12, 12))  # trained BatchNorm statistics
+    return model.eval()
+
+
+def _plain_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(model(x).gather(1, target.view(-1, 1)).sum(), x)
+    return grad
+
+
+def _straightforward_cascade(model: nn.Module, x: torch.Tensor, target: torch.Tensor, order: str,
+                             seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Each stage from scratch: a fresh deep copy (default layout) whose first ``s`` layers are re-drawn one after
+    another from a fresh generator, a plain autograd gradient, scipy's Spearman of |a| and of a, example by example."""
+    import copy
+
+    from lightning_lens.sanity import find_layers, reinitialize_
+
+    def spearman(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+        return [stats.spearmanr(u.ravel(), v.ravel())[0] for u, v in zip(a.numpy(), b.numpy())]
+
+    original = _plain_gradient(model, x, target).sum(dim=1)  # one-channel aggregation: sum |a_c| / sum a_c
+    original_abs = _plain_gradient(model, x, target).abs().sum(dim=1)
+    names, abs_rows, signed_rows = [], [], []
+    num_layers = len(find_layers(model, x)[0])
+    for stage in range(1, num_layers + 1):
+        fresh = copy.deepcopy(model)
+        layers = find_layers(fresh, x)[0]
+        sequence = layers[::-1] if order == "top_down" else layers
+        generator = torch.Generator().manual_seed(seed)
+        for layer in sequence[:stage]:
+            reinitialize_(layer, generator)
+        names.append(sequence[stage - 1].name)
+        maps = _plain_gradient(fresh, x, target)
+        abs_rows.append(spearman(original_abs, maps.abs().sum(dim=1)))
+        signed_rows.append(spearman(original, maps.sum(dim=1)))
+    return names, np.array(abs_rows), np.array(signed_rows)
+
+
+@pytest.mark.parametrize("order", ["top_down", "bottom_up"])
+@pytest.mark.parametrize("fast_layout", [False, True])
+def test_cascade_equals_a_stage_by_stage_reference(order, fast_layout, monkeypatch):
+    # the cascade re-initializes one copy cumulatively in place (and, on CPU, runs it channels-last); a fresh copy
+    # per stage with the same draws, in the default layout, must give the same similarities
+    from lightning_lens.sanity import MapSimilarity, layers
+
+    monkeypatch.setattr(layers, "FAST_LAYOUT", fast_layout)
+    model = _tiny_net()
+    x = torch.rand(5, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 1, 2, 3, 0])
+    report = cascading_randomization(
+        model, x, target, {"grad": _plain_gradient}, order=order, seed=7, controls=False,
+        similarity=MapSimilarity(["spearman_abs", "spearman_signed"], clip_percentile=None),
+    )
+    names, expected_abs, expected_signed = _straightforward_cascade(model, x, target, order, seed=7)
+    assert report.stages == names
+    tolerance = 1e-4 if fast_layout else 1e-6  # other kernels round differently (reports hold float32)
+    result = report.results["grad"]
+    np.testing.assert_allclose(result.similarity["spearman_abs"].numpy(), expected_abs, atol=tolerance, rtol=0)
+    np.testing.assert_allclose(result.similarity["spearman_signed"].numpy(), expected_signed, atol=tolerance, rtol=0)
+
+
+def test_fast_layout_only_changes_rounding_and_falls_back_for_view(monkeypatch):
+    from lightning_lens.sanity import layers
+
+    x = torch.rand(6, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    layouts: list = []
+
+    def layout_probe(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        layouts.append(model.conv2.weight.is_contiguous(memory_format=torch.channels_last))
+        return _plain_gradient(model, inputs, target)
+
+    reports = {}
+    for view in (False, True):
+        model = _tiny_net(flatten_with_view=view)
+        for fast in (False, True):
+            monkeypatch.setattr(layers, "FAST_LAYOUT", fast)
+            layouts.clear()
+            methods = {"gradient": "gradient", "guided_backprop": "guided_backprop", "gradcam": "gradcam",
+                       "smoothgrad": ("smoothgrad", {"n_samples": 3}), "probe": layout_probe}
+            reports[view, fast] = cascading_randomization(model, x, None, methods, controls=False, seed=1)
+            # the copy ran channels-last unless disabled or the model's forward cannot (``.view``: fell back)
+            assert set(layouts) == {fast and not view}
+        assert model.conv2.weight.is_contiguous()  # the given model keeps its layout
+    for view in (False, True):
+        slow, fast = reports[view, False], reports[view, True]
+        assert torch.equal(slow.targets, fast.targets) and torch.equal(slow.predictions, fast.predictions)
+        for name, result in slow.results.items():
+            other = fast.results[name]
+            assert result.verdict.outcome == other.verdict.outcome, name
+            for metric, value in result.similarity.items():
+                atol = 0 if view else 1e-4  # the fallback is the default layout: bit-identical
+                torch.testing.assert_close(other.similarity[metric], value, atol=atol, rtol=0, equal_nan=True,
+                                           msg=f"{name} {metric}")
+            torch.testing.assert_close(other.maps, result.maps, atol=0 if view else 1e-5, rtol=0)

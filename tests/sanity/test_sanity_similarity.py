@@ -272,3 +272,27 @@ def test_map_similarity_applicability_and_errors():
     nan_maps[1, 0, 0, 0] = float("inf")
     out = sim(nan_maps, torch.randn(2, 1, 32, 32))
     assert all(math.isnan(v[1].item()) and not math.isnan(v[0].item()) for v in out.values())
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 16, 16), (4, 3, 16, 16), (4, 40)])
+@pytest.mark.parametrize("metrics", [("spearman_abs",), ("spearman_abs", "topk"), ("spearman_signed",), None])
+@pytest.mark.parametrize("clip", [99.0, None])
+def test_prepared_maps_are_the_normalized_maps_whatever_the_metrics(shape, metrics, clip):
+    # prepare() takes shortcuts by the metrics requested (the signed scale from the magnitude sort, one finiteness
+    # reduction); the normalized maps and the finite flags must not depend on them
+    g = _gen(10)
+    maps = torch.randn(shape, generator=g)
+    maps[0] = 0.0  # a constant map
+    maps.view(4, -1)[1, :5] = 0.0  # ties
+    maps.view(4, -1)[2, 0] = math.nan  # a non-finite map
+    maps.view(4, -1)[3, :2] = 3e38  # finite entries whose sum overflows
+    sim = similarity.MapSimilarity(metrics=metrics, clip_percentile=clip)
+    prepared = sim.prepare(maps)
+    assert prepared.finite.tolist() == [True, True, False, True]
+    clean = torch.nan_to_num(maps, nan=0.0)
+    spatial = prepared.absolute.shape
+    torch.testing.assert_close(prepared.absolute, similarity.normalize_absolute(clean, clip).view(spatial),
+                               atol=0, rtol=0)
+    torch.testing.assert_close(prepared.signed, similarity.normalize_signed(clean, clip).view(spatial), atol=0, rtol=0)
+    overflowing = torch.full(shape, 3e38)  # every entry finite, their sum is not
+    assert sim.prepare(overflowing).finite.tolist() == [True] * 4

@@ -20,7 +20,7 @@ from lightning_lens.testing.models import (
 
 def test_every_export_resolves():
     for name, module in testing._EXPORTS.items():
-        assert getattr(testing, name) is getattr(importlib.import_module(f"lightning_lens.testing.{module}"), name)
+        assert getattr(testing, name) is getattr(importlib.import_module(f".{module}", "lightning_lens.testing"), name)
 
 
 def test_small_cnn_layout():

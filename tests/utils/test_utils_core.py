@@ -135,3 +135,80 @@ def test_execution_order_leaves_caller_input_alone():
     x = torch.ones(1, 2)
     modules_in_execution_order(Inplace(), x)
     assert torch.equal(x, torch.ones(1, 2))
+
+
+# ------------------------------------------------------------------------------------- probes by dataset position
+def test_spread_over_classes_round_robin_and_prefix_stable():
+    from lightning_lens.utils.probes import spread_over_classes
+
+    candidates = torch.tensor([9, 4, 7, 1, 3, 0, 8])
+    labels = torch.tensor([2, 0, 2, 1, 0, 0, 1])
+    # depth 0: first of class 0 (4), class 1 (1), class 2 (9); depth 1: 3, 8, 7; depth 2: 0
+    assert spread_over_classes(candidates, labels, 7).tolist() == [4, 1, 9, 3, 8, 7, 0]
+    for k in range(1, 7):
+        assert spread_over_classes(candidates, labels, k).tolist() == [4, 1, 9, 3, 8, 7, 0][:k]
+    assert spread_over_classes(candidates, None, 3).tolist() == [9, 4, 7]
+    assert spread_over_classes(candidates, labels.float(), 2).tolist() == [9, 4]  # not class indices: in order
+    assert spread_over_classes(candidates, labels, 50).tolist() == [4, 1, 9, 3, 8, 7, 0]
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 1, 4, 4, generator=gen)
+        self.y = torch.arange(n) % 5
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        self.reads += 1
+        torch.rand(1)  # a random transform: uses the global RNG
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def test_probe_set_from_dataset_reads_few_items_and_keeps_only_the_chosen():
+    data = CountingDataset(1000)
+    rng = torch.get_rng_state()
+    probes = ProbeSet.from_dataset(data, num=6, seed=2)
+    assert torch.equal(torch.get_rng_state(), rng)  # the items' random transform did not move the global RNG
+    assert data.reads == 128 + 6  # the candidates' labels, then the chosen items; never the whole dataset
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(2))[:128]
+    # one per class in class order, the first candidate of each; then the second-round pick of class 0
+    by_class = {c: [int(i) for i in order if int(i) % 5 == c] for c in range(5)}
+    assert probes.indices.tolist() == [by_class[c][0] for c in range(5)] + [by_class[0][1]]
+    assert torch.equal(probes.inputs, data.x[probes.indices]) and torch.equal(probes.targets, data.y[probes.indices])
+    assert probes.indices.tolist() == ProbeSet.from_dataset(data, num=6, seed=2).indices.tolist()
+    # an index key wins over the position; a transfer function sees each batch before it is read
+    seen = []
+    keyed = [{"image": data.x[i], "label": data.y[i], "index": 1000 + i} for i in range(20)]
+    out = ProbeSet.from_dataset(keyed, num=3, seed=0, transfer=lambda b: seen.append(len(b["label"])) or b)
+    assert all(i >= 1000 for i in out.indices.tolist()) and seen == [20, 3]
+    with pytest.raises(ValueError, match="empty"):
+        ProbeSet.from_dataset([], num=2)
+
+
+def test_probe_pool_keeps_what_the_full_draw_needs():
+    from lightning_lens.utils.probes import ProbePool
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 1, 2, 2, generator=gen), torch.randint(0, 6, (16,), generator=gen)) for _ in range(12)]
+    small, everything = ProbePool(num=5, seed=3), ProbePool(num=10_000, seed=3)
+    for batch in batches:
+        small.add(batch)
+        everything.add(batch)
+    assert len(everything) == 192 and len(small) <= 5 + 6
+    # the same keys: the bounded pool draws exactly what a draw over the whole stream draws
+    assert torch.equal(small.draw().inputs, everything.draw(5).inputs)
+    unlabeled = ProbePool(num=3, seed=0)
+    for x, _ in batches:
+        unlabeled.add((x,))
+    assert len(unlabeled) == 3 and unlabeled.draw().targets is None
+
+
+def test_batch_accessor_takes_one_string_as_one_metadata_key():
+    batch = {"image": torch.zeros(2, 1, 2, 2), "group": ["a", "b"], "site": torch.tensor([1, 2])}
+    assert list(BatchAccessor(metadata_keys="group").metadata(batch)) == ["group"]
+    with pytest.raises(TypeError, match="metadata_keys must be a list of strings"):
+        BatchAccessor(metadata_keys=[1, 2])

@@ -17,7 +17,10 @@ Methods (registry name, class, reference):
 - ``edge``: :class:`EdgeDetector`, a model-independent control (Adebayo et al., 2018)
 - ``random``: :class:`RandomMap`, a model-independent control
 
-``target`` is an int, a 1-D tensor of per-example class indices, or ``None`` (the predicted class). Outputs have
+``target`` is an int, a 1-D tensor of per-example class indices, or ``None`` (the predicted class). Wherever the
+package takes a method (callbacks, sanity checks, evaluation) it takes a :data:`MethodSpec`: a registry name, a
+``(name, kwargs)`` pair, a method object or class, or an explain function ``(model, inputs, target) -> maps``
+(:data:`ExplainFn`), resolved by :func:`resolve_method` and named by :func:`method_name`. Outputs have
 the input's shape, except Grad-CAM's ``(B, 1, H, W)``. Maps are signed unless ``abs=True``. Every method explains
 the model in eval mode and restores each submodule's mode, never writes a parameter's ``.grad``, removes its hooks
 and modes even after an exception, draws noise from a private generator, and works under ``torch.inference_mode``.
@@ -29,7 +32,7 @@ Example:
     torch.Size([2, 1, 4, 4])
 """
 
-from lightning_lens.attribution.base import Attribution, input_gradients
+from lightning_lens.attribution.base import Attribution, ExplainFn, FunctionAttribution, input_gradients
 from lightning_lens.attribution.controls import EdgeDetector, RandomMap
 from lightning_lens.attribution.gradcam import GradCAM, GuidedGradCAM, HiResCAM
 from lightning_lens.attribution.gradient import Gradient, GradientXInput
@@ -37,11 +40,14 @@ from lightning_lens.attribution.guided import Deconvnet, GuidedBackprop, ReLURul
 from lightning_lens.attribution.integrated_gradients import IntegratedGradients
 from lightning_lens.attribution.occlusion import Occlusion
 from lightning_lens.attribution.registry import (
+    Methods,
+    MethodSpec,
     available_methods,
     canonical_name,
-    MethodSpec,
     get_method,
+    is_explain_function,
     method_name,
+    method_specs,
     register_method,
     registered_name,
     resolve_method,
@@ -52,6 +58,8 @@ __all__ = [
     "Attribution",
     "Deconvnet",
     "EdgeDetector",
+    "ExplainFn",
+    "FunctionAttribution",
     "GradCAM",
     "Gradient",
     "GradientXInput",
@@ -60,6 +68,7 @@ __all__ = [
     "HiResCAM",
     "IntegratedGradients",
     "MethodSpec",
+    "Methods",
     "Occlusion",
     "RandomMap",
     "ReLURule",
@@ -69,7 +78,9 @@ __all__ = [
     "canonical_name",
     "get_method",
     "input_gradients",
+    "is_explain_function",
     "method_name",
+    "method_specs",
     "register_method",
     "registered_name",
     "resolve_method",

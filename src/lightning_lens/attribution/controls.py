@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lens.attribution.base import Attribution, Target, check_inputs
+from lightning_lens.attribution.base import Attribution, Target
 from lightning_lens.attribution.smoothgrad import _check_seed, private_generator
 
 
@@ -40,14 +40,14 @@ class EdgeDetector(Attribution):
     def __init__(self, model: Optional[nn.Module] = None, *, eval_mode: bool = True) -> None:
         super().__init__(model, eval_mode=eval_mode)
 
-    def attribute(self, inputs: torch.Tensor, target: Target = None, *, abs: bool = False) -> torch.Tensor:
+    def _attribute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
         """Sobel magnitudes shaped like ``inputs`` (``(B, C, H, W)``); ``target`` and ``abs`` change nothing."""
-        inputs = check_inputs(inputs)
         if inputs.dim() != 4:
             raise ValueError(
-                f"EdgeDetector needs images of shape (batch, channels, height, width), got {tuple(inputs.shape)}"
+                f"inputs: EdgeDetector needs images of shape (batch, channels, height, width), got"
+                f" {tuple(inputs.shape)}"
             )
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.no_grad():
             x = inputs.detach().clone()
             channels = x.shape[1]
             kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device)
@@ -79,10 +79,7 @@ class RandomMap(Attribution):
         super().__init__(model, eval_mode=eval_mode)
         self.seed = _check_seed(seed)
 
-    def attribute(self, inputs: torch.Tensor, target: Target = None, *, abs: bool = False) -> torch.Tensor:
+    def _attribute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
         """Random maps shaped like ``inputs`` (``abs=True``: half-normal)."""
-        inputs = check_inputs(inputs)
-        with torch.inference_mode(False):
-            gen = private_generator(self.seed, inputs.device)
-            out = torch.randn(inputs.shape, generator=gen, dtype=inputs.dtype, device=inputs.device)
-        return out.abs() if abs else out
+        gen = private_generator(self.seed, inputs.device)
+        return torch.randn(inputs.shape, generator=gen, dtype=inputs.dtype, device=inputs.device)

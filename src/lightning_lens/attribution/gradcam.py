@@ -8,26 +8,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lens.attribution.base import Attribution, Target, check_inputs, forward_logits, target_scores
+from lightning_lens.attribution.base import Attribution, Target, forward_logits, run_forward, target_scores
 from lightning_lens.attribution.guided import rule_gradients
 from lightning_lens.utils import grad_ready, preserve_modes, resolve_module, resolve_target
+from lightning_lens.utils.checks import check_bool
 
 Layer = Union[nn.Module, str, None]
 _INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
 def last_spatial_layer(model: nn.Module, inputs: torch.Tensor) -> tuple[str, nn.Module]:
-    """The last submodule (in the order forwards finish) whose output is a 4-D tensor, found by one forward pass.
+    """The last submodule (in the order forwards finish) whose output is a 4-D ``(batch, channels, height, width)``
+    tensor with more than one spatial position, found by one forward pass.
 
-    The pass runs without grad in eval mode; hooks are removed and modes restored even if it raises.
+    Modules whose output is ``1 x 1`` (a global average pool, ``AdaptiveAvgPool2d(1)``) are skipped: a map at that
+    resolution is one constant per image. The pass runs without grad in eval mode; hooks are removed and modes
+    restored even if it raises.
+
+    Raises:
+        ValueError: no submodule has such an output (an MLP, a transformer): the message names ``layer``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        >>> last_spatial_layer(net, torch.zeros(1, 1, 8, 8))[0]
+        '0'
     """
     finished: list[tuple[str, nn.Module]] = []
+    pooled: list[str] = []
     handles = []
 
     def make_hook(name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if isinstance(output, torch.Tensor) and output.dim() == 4:
-                finished.append((name, module))
+                (finished if output.shape[2] * output.shape[3] > 1 else pooled).append((name, module))
 
         return hook
 
@@ -36,14 +49,20 @@ def last_spatial_layer(model: nn.Module, inputs: torch.Tensor) -> tuple[str, nn.
             if module is not model:
                 handles.append(module.register_forward_hook(make_hook(name)))
         with preserve_modes(model, mode=False), torch.no_grad():
-            model(inputs.detach().clone())  # a copy: the model may modify its input in place
+            run_forward(model, inputs.detach().clone())  # a copy: the model may modify its input in place
     finally:
         for h in handles:
             h.remove()
     if not finished:
+        found = (
+            f" (only modules with a 1 x 1 spatial output, e.g. {pooled[-1][0]!r}, which would give a constant map)"
+            if pooled
+            else " (models such as an MLP or a transformer have none)"
+        )
         raise ValueError(
-            "layer=None looks for the last module with a 4-D (batch, channels, height, width) output, but no"
-            " submodule of the model produced one; pass layer=<module or dotted name> explicitly"
+            "layer=None looks for the last module with a 4-D (batch, channels, height, width) output larger than"
+            f" 1 x 1, but the model has no such submodule{found}; pass layer=<module or dotted name> of a"
+            " convolutional block explicitly, or use a method that needs no spatial layer (e.g. 'gradient')"
         )
     return finished[-1]
 
@@ -58,8 +77,9 @@ class GradCAM(Attribution):
     Args:
         model: the classifier.
         layer: the layer whose output ``A`` is used: a module, a dotted name (``"features.7"``), or ``None`` for the
-            last module whose output is 4-D, found with one forward pass on the first call (and kept in
-            :attr:`layer_name`). The layer must run exactly once per forward.
+            last module whose output is 4-D with more than one spatial position (a global-average-pool head is
+            skipped), found with one forward pass on the first call (and kept in :attr:`layer_name`). The layer must
+            run exactly once per forward.
         upsample: return maps at the input resolution (default) rather than the layer's.
         relu: apply the paper's final ReLU (default ``True``; ``False`` keeps negative evidence, as Captum's default).
         eval_mode: see :class:`~lightning_lens.attribution.base.Attribution`.
@@ -88,15 +108,20 @@ class GradCAM(Attribution):
         self.layer_name: Optional[str] = None
         if self.layer is not None:
             self.layer_name = next(n for n, m in model.named_modules() if m is self.layer)
-        self.upsample = bool(upsample)
-        self.relu = bool(relu)
+        self.upsample = check_bool(upsample, "upsample")
+        self.relu = check_bool(relu, "relu")
 
     def _resolve_layer(self, inputs: torch.Tensor) -> nn.Module:
         if self.layer is None:
             self.layer_name, self.layer = last_spatial_layer(self.model, inputs)
         return self.layer
 
-    def attribute(
+    call_options = ("upsample",)
+
+    def _check_option(self, key: str, value: object) -> object:
+        return check_bool(value, "upsample")
+
+    def attribute(  # type: ignore[override]
         self,
         inputs: torch.Tensor,
         target: Target = None,
@@ -112,10 +137,12 @@ class GradCAM(Attribution):
             abs: absolute values (only changes anything with ``relu=False``).
             upsample: override the constructor's ``upsample`` for this call.
         """
-        inputs = check_inputs(inputs)
-        with self.explaining():
-            cam, _ = self.cam(inputs, target, self.upsample if upsample is None else upsample)
-        return cam.abs() if abs else cam
+        return super().attribute(inputs, target, abs=abs, upsample=upsample)
+
+    def _attribute(  # type: ignore[override]
+        self, inputs: torch.Tensor, target: Target, *, upsample: bool
+    ) -> torch.Tensor:
+        return self.cam(inputs, target, upsample)[0]
 
     def cam(self, inputs: torch.Tensor, target: Target, upsample: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(maps, resolved_target)``; call inside :meth:`explaining`."""

@@ -18,8 +18,9 @@ from lightning_lens.attribution.base import (
     input_gradients,
     target_scores,
 )
-from lightning_lens.utils.checks import check_choice, check_int
 from lightning_lens.utils import resolve_target
+from lightning_lens.utils.checks import check_bool, check_choice, check_int
+from lightning_lens.utils.targets import per_example_target
 
 Rule = Literal["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
 RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
@@ -131,6 +132,21 @@ class IntegratedGradients(Attribution):
                 " pass one example's shape or the batch's shape"
             ) from None
 
+    call_options = ("n_steps", "method", "baseline", "batch_size", "return_convergence_delta")
+    #: a per-call option only (the constructor has none): also return the completeness error
+    return_convergence_delta: bool = False
+
+    def _check_option(self, key: str, value: object) -> object:
+        if key == "n_steps":
+            return check_int(value, "n_steps", minimum=1)
+        if key == "method":
+            return check_choice(value, "method", RULES)
+        if key == "baseline":
+            return self._check_baseline_type(value)  # type: ignore[arg-type]
+        if key == "batch_size":
+            return check_batch_size(value)  # type: ignore[arg-type]
+        return check_bool(value, "return_convergence_delta")
+
     @overload
     def attribute(self, inputs: torch.Tensor, target: Target = ..., *, abs: bool = ...,
                   baseline: Baseline = ..., n_steps: Optional[int] = ..., method: Optional[Rule] = ...,
@@ -142,7 +158,7 @@ class IntegratedGradients(Attribution):
                   batch_size: Optional[int] = ..., return_convergence_delta: Literal[True]
                   ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def attribute(
+    def attribute(  # type: ignore[override]
         self,
         inputs: torch.Tensor,
         target: Target = None,
@@ -163,27 +179,39 @@ class IntegratedGradients(Attribution):
             baseline, n_steps, method, batch_size: as in the constructor.
             return_convergence_delta: also return, per example, ``sum(attributions) - (S_c(x) - S_c(x'))``.
         """
-        inputs = check_inputs(inputs)
-        if abs and return_convergence_delta:
+        if abs is True and return_convergence_delta is True:
             raise ValueError("return_convergence_delta=True needs signed attributions: drop abs=True")
-        steps = self.n_steps if n_steps is None else n_steps
-        rule = self.method if method is None else method
-        alphas, weights = integration_points(steps, rule)
-        base = self.baseline if baseline is None else self._check_baseline_type(baseline)
-        rows = check_batch_size(batch_size) if batch_size is not None else self.batch_size
-        with self.explaining():
-            x = inputs.detach()
-            ref = self._baseline_for(base, x)
+        return super().attribute(
+            inputs, target, abs=abs, baseline=baseline, n_steps=n_steps, method=method, batch_size=batch_size,
+            return_convergence_delta=return_convergence_delta,
+        )
+
+    def _attribute(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        target: Target,
+        *,
+        n_steps: int,
+        method: str,
+        baseline: Baseline,
+        batch_size: Optional[int],
+        return_convergence_delta: bool,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        alphas, weights = integration_points(n_steps, method)
+        x = inputs.detach()
+        ref = self._baseline_for(baseline, x)
+        if return_convergence_delta or target is None:
             with torch.no_grad():
                 logits = forward_logits(self.model, x.clone())
                 resolved = resolve_target(target, logits)
-            attr = self._integrate(x, ref, resolved, alphas, weights, rows)
-            if return_convergence_delta:
-                with torch.no_grad():
-                    delta = self._delta(attr, target_scores(logits, resolved), ref, resolved)
-        if abs:
-            return attr.abs()
-        return (attr, delta) if return_convergence_delta else attr
+        else:  # no forward needed here: the first path block checks the classes against the model's output
+            resolved = per_example_target(target, x.shape[0], x.device)
+        attr = self._integrate(x, ref, resolved, alphas, weights, batch_size)
+        if not return_convergence_delta:
+            return attr
+        with torch.no_grad():
+            delta = self._delta(attr, target_scores(logits, resolved), ref, resolved)
+        return attr, delta
 
     def _integrate(
         self,
@@ -198,14 +226,23 @@ class IntegratedGradients(Attribution):
         diff = x - ref
         total = torch.zeros_like(x)
         rows = resolve_batch_size(batch_size, batch, x[0].numel())
+        all_alphas = torch.tensor(alphas, dtype=x.dtype, device=x.device).view(-1, 1, *([1] * len(shape)))
+        all_weights = torch.tensor(weights, dtype=x.dtype, device=x.device)
+        repeated: dict[tuple[int, int, int], torch.Tensor] = {}  # the block's target rows, built once per shape
         for blk in blocks(len(alphas), batch, rows):
-            k = blk.s1 - blk.s0
-            a = torch.tensor(alphas[blk.s0 : blk.s1], dtype=x.dtype, device=x.device).view(k, 1, *([1] * len(shape)))
-            w = torch.tensor(weights[blk.s0 : blk.s1], dtype=x.dtype, device=x.device).view_as(a)
-            path = (ref[blk.b0 : blk.b1] + a * diff[blk.b0 : blk.b1]).reshape(k * (blk.b1 - blk.b0), *shape)
-            grads, _, _ = input_gradients(self.model, path, target[blk.b0 : blk.b1].repeat(k), owned=True)
-            total[blk.b0 : blk.b1] += (grads.view(k, blk.b1 - blk.b0, *shape) * w).sum(dim=0)
-        return diff * total
+            k, width = blk.s1 - blk.s0, blk.b1 - blk.b0
+            # the k path points of the block's examples in one op: ref + alpha * (x - ref)
+            path = torch.addcmul(ref[blk.b0 : blk.b1], all_alphas[blk.s0 : blk.s1], diff[blk.b0 : blk.b1])
+            key = (blk.b0, blk.b1, k)
+            if key not in repeated:
+                repeated[key] = target[blk.b0 : blk.b1].repeat(k)
+            grads, _, _ = input_gradients(self.model, path.view(k * width, *shape), repeated[key], owned=True)
+            part = total[blk.b0 : blk.b1]
+            if k == 1:
+                part.add_(grads, alpha=weights[blk.s0])
+            else:  # the weighted sum over the block's path points, one matrix-vector product
+                part.add_((all_weights[blk.s0 : blk.s1] @ grads.view(k, -1)).view(width, *shape))
+        return total.mul_(diff)
 
     def _delta(
         self, attr: torch.Tensor, input_scores: torch.Tensor, ref: torch.Tensor, target: torch.Tensor

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_lens.attribution._batching import blocks, check_batch_size, resolve_batch_size
-from lightning_lens.attribution.base import Attribution, Target, check_inputs, forward_logits, target_scores
+from lightning_lens.attribution.base import Attribution, Target, forward_logits, target_scores
 from lightning_lens.utils import resolve_target
 
 Size = Union[int, Sequence[int]]
@@ -115,7 +115,16 @@ class Occlusion(Attribution):
         counts = tuple(math.ceil((n - w) / s) + 1 for n, w, s in zip(shape, win, strides))
         return win, strides, counts
 
-    def attribute(
+    call_options = ("window", "stride", "baseline", "batch_size")
+
+    def _check_option(self, key: str, value: object) -> object:
+        if key in ("window", "stride"):
+            return _check_size(value, key)  # type: ignore[arg-type]
+        if key == "baseline":
+            return self._check_baseline(value)  # type: ignore[arg-type]
+        return check_batch_size(value)  # type: ignore[arg-type]
+
+    def attribute(  # type: ignore[override]
         self,
         inputs: torch.Tensor,
         target: Target = None,
@@ -127,23 +136,33 @@ class Occlusion(Attribution):
         batch_size: Optional[int] = None,
     ) -> torch.Tensor:
         """Occlusion attributions shaped like ``inputs``; keyword options override the constructor's for this call."""
-        inputs = check_inputs(inputs)
+        return super().attribute(inputs, target, abs=abs, window=window, stride=stride, baseline=baseline,
+                                 batch_size=batch_size)
+
+    def _attribute(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        target: Target,
+        *,
+        window: Size,
+        stride: Optional[Size],
+        baseline: Union[float, torch.Tensor],
+        batch_size: Optional[int],
+    ) -> torch.Tensor:
         x = inputs.detach()
         win, strides, counts = self.geometry(x.shape[1:], window, stride)
-        base = self._check_baseline(self.baseline if baseline is None else baseline)
-        rows_cap = check_batch_size(batch_size) if batch_size is not None else self.batch_size
-        with self.explaining(), torch.no_grad():
+        with torch.no_grad():
             x = x.clone()
-            if isinstance(base, torch.Tensor):
+            if isinstance(baseline, torch.Tensor):
                 try:
-                    fill = torch.broadcast_to(base.to(device=x.device, dtype=x.dtype), x.shape)
+                    fill = torch.broadcast_to(baseline.to(device=x.device, dtype=x.dtype), x.shape)
                 except RuntimeError:
                     raise ValueError(
-                        f"baseline of shape {tuple(base.shape)} does not broadcast to the inputs' shape"
+                        f"baseline of shape {tuple(baseline.shape)} does not broadcast to the inputs' shape"
                         f" {tuple(x.shape)}"
                     ) from None
             else:
-                fill = torch.full_like(x, float(base))
+                fill = torch.full_like(x, float(baseline))
             logits = forward_logits(self.model, x.clone())  # the model may modify its input in place
             resolved = resolve_target(target, logits)
             clean = target_scores(logits, resolved)
@@ -152,7 +171,7 @@ class Occlusion(Attribution):
                 for pos in itertools.product(*(range(c) for c in counts))
             ]
             batch = x.shape[0]
-            rows = resolve_batch_size(rows_cap, batch, x[0].numel())
+            rows = resolve_batch_size(batch_size, batch, x[0].numel())
             total = torch.zeros_like(x)
             covered = torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device)
             for blk in blocks(len(windows), batch, rows):
@@ -172,5 +191,4 @@ class Occlusion(Attribution):
                     total[blk.b0 : blk.b1][region] += drop[j].view(width, *([1] * (x.dim() - 1)))
                     if blk.b0 == 0:
                         covered[windows[p]] += 1
-            attr = total / covered
-        return attr.abs() if abs else attr
+            return total / covered

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from lightning_lens.attribution._batching import blocks, check_batch_size, resolve_batch_size
-from lightning_lens.attribution.base import Attribution, Target, check_inputs, forward_logits, input_gradients
+from lightning_lens.attribution.base import Attribution, Target, forward_logits, input_gradients
 from lightning_lens.utils import resolve_target
 from lightning_lens.utils.checks import check_choice, check_int
+from lightning_lens.utils.targets import per_example_target
 
 Variant = Literal["mean", "squared", "var"]
 _VARIANTS = ("mean", "squared", "var")
@@ -33,7 +34,7 @@ class SmoothGrad(Attribution):
 
     For each example, ``n_samples`` copies ``x + eps`` with ``eps ~ N(0, sigma^2)`` and
     ``sigma = noise_level * (max(x) - min(x))`` (max and min over that example's elements) are differentiated for the
-    target class, which is resolved once on the clean input. ``variant`` picks the statistic of the per-sample
+    target class, which is resolved once on the clean input (``target=None``; a given target costs no extra pass). ``variant`` picks the statistic of the per-sample
     gradients ``g``: ``"mean"`` E[g] (SmoothGrad), ``"squared"`` E[g^2] (SmoothGrad-Squared), ``"var"``
     E[g^2] - E[g]^2 (VarGrad). With ``abs=True`` each sample's gradient is replaced by its absolute value before the
     statistic (as Captum's NoiseTunnel over ``Saliency(abs=True)``).
@@ -92,7 +93,19 @@ class SmoothGrad(Attribution):
             raise ValueError(f"noise_level must be a float >= 0 (fraction of each input's range), got {noise_level!r}")
         return float(noise_level)
 
-    def attribute(
+    call_options = ("n_samples", "noise_level", "batch_size", "seed")
+    handles_abs = True
+
+    def _check_option(self, key: str, value: object) -> object:
+        if key == "n_samples":
+            return check_int(value, "n_samples", minimum=1)
+        if key == "noise_level":
+            return self._check_noise_level(value)  # type: ignore[arg-type]
+        if key == "batch_size":
+            return check_batch_size(value)  # type: ignore[arg-type]
+        return _check_seed(value)  # type: ignore[arg-type]
+
+    def attribute(  # type: ignore[override]
         self,
         inputs: torch.Tensor,
         target: Target = None,
@@ -111,13 +124,22 @@ class SmoothGrad(Attribution):
             abs: take each sample gradient's absolute value before averaging.
             n_samples, noise_level, batch_size, seed: as in the constructor.
         """
-        inputs = check_inputs(inputs)
-        n = self.n_samples if n_samples is None else check_int(n_samples, "n_samples", minimum=1)
-        level = self.noise_level if noise_level is None else self._check_noise_level(noise_level)
-        rows = check_batch_size(batch_size) if batch_size is not None else self.batch_size
-        seed = self.seed if seed is None else _check_seed(seed)
-        with self.explaining():
-            return self._smooth(inputs, target, n, level, rows, seed, abs)
+        return super().attribute(
+            inputs, target, abs=abs, n_samples=n_samples, noise_level=noise_level, batch_size=batch_size, seed=seed
+        )
+
+    def _attribute(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        target: Target,
+        *,
+        n_samples: int,
+        noise_level: float,
+        batch_size: Optional[int],
+        seed: Optional[int],
+        abs: bool,
+    ) -> torch.Tensor:
+        return self._smooth(inputs, target, n_samples, noise_level, batch_size, seed, abs)
 
     def _smooth(
         self,
@@ -132,44 +154,56 @@ class SmoothGrad(Attribution):
         x = inputs.detach()
         batch, shape = x.shape[0], x.shape[1:]
         with torch.no_grad():
-            resolved = resolve_target(target, forward_logits(self.model, x.clone()))
+            if target is None:
+                resolved = resolve_target(None, forward_logits(self.model, x.clone()))
+            else:  # no forward pass needed: the first block checks the classes against the model's output
+                resolved = per_example_target(target, batch, x.device)
             flat = x.reshape(batch, -1)
             sigma = (level * (flat.max(dim=1).values - flat.min(dim=1).values)).view(batch, *([1] * len(shape)))
         gen = private_generator(seed, x.device)
         rows = resolve_batch_size(batch_size, batch, x[0].numel())
 
-        # running per-example statistics of the sample gradients, merged block by block (Chan et al.'s parallel
-        # update): exact for constant gradients, and independent of how the samples are split into blocks
-        mean = torch.zeros_like(x)
-        m2 = torch.zeros_like(x)
-        count = torch.zeros(batch, dtype=torch.long)
-        current, noisy_batch = -1, x  # the noisy copy of the whole batch for sample `current`, drawn in sample order
+        # Per-example accumulators, one cheap in-place update per block. "mean" and "squared" sum g and g^2 (no
+        # cancellation to guard against); "var" merges block statistics with Chan et al.'s parallel update, exact
+        # for constant gradients. Blocks are sample-major, so every example of a block has seen samples 0..s0-1.
+        total = torch.zeros_like(x)
+        m2 = torch.zeros_like(x) if self.variant == "var" else None
+        repeated: dict[tuple[int, int, int], torch.Tensor] = {}  # the block's target rows, built once per shape
+        current, noisy_batch = -1, x  # the noisy copy of the whole batch for sample `current` (partial blocks)
         for blk in blocks(n, batch, rows):
             k, width = blk.s1 - blk.s0, blk.b1 - blk.b0
             noisy = torch.empty((k, width, *shape), dtype=x.dtype, device=x.device)
-            for j, s in enumerate(range(blk.s0, blk.s1)):
-                if s != current:
+            if width == batch:  # whole samples: draw each one straight into the block, then scale and shift
+                for j in range(k):
+                    torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device, out=noisy[j])
+                noisy.mul_(sigma).add_(x)
+            else:  # one sample for a slice of the examples: the same draw of the whole batch, sliced
+                if blk.s0 != current:
                     noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-                    noisy_batch, current = noise.mul_(sigma).add_(x), s
-                noisy[j] = noisy_batch[blk.b0 : blk.b1]
-            noisy = noisy.view(k * width, *shape)
-            grads, _, _ = input_gradients(self.model, noisy, resolved[blk.b0 : blk.b1].repeat(k), owned=True)
+                    noisy_batch, current = noise.mul_(sigma).add_(x), blk.s0
+                noisy[0] = noisy_batch[blk.b0 : blk.b1]
+            key = (blk.b0, blk.b1, k)
+            if key not in repeated:
+                repeated[key] = resolved[blk.b0 : blk.b1].repeat(k)
+            grads, _, _ = input_gradients(self.model, noisy.view(k * width, *shape), repeated[key], owned=True)
             grads = grads.view(k, width, *shape)
             if absolute:
-                grads = grads.abs()
-            block_mean = grads.mean(dim=0)
-            seen = int(count[blk.b0])  # every example of a block has seen the same number of samples
-            total = seen + k
-            delta = block_mean - mean[blk.b0 : blk.b1]
-            mean[blk.b0 : blk.b1] += delta * (k / total)
-            if self.variant != "mean":
-                block_m2 = (grads - block_mean).square().sum(dim=0)
-                m2[blk.b0 : blk.b1] += block_m2 + delta.square() * (seen * k / total)
-            count[blk.b0 : blk.b1] = total
-        if self.variant == "mean":
-            return mean
-        variance = m2 / n
-        return variance + mean.square() if self.variant == "squared" else variance
+                grads.abs_()
+            part = total[blk.b0 : blk.b1]
+            if self.variant == "mean":
+                part.add_(grads[0] if k == 1 else grads.sum(dim=0))
+            elif self.variant == "squared":
+                part.addcmul_(grads[0], grads[0]) if k == 1 else part.add_(grads.square().sum(dim=0))
+            else:
+                assert m2 is not None
+                seen, block_mean = blk.s0, grads.mean(dim=0)
+                delta = block_mean - part
+                part.add_(delta, alpha=k / (seen + k))  # the running mean
+                m2[blk.b0 : blk.b1] += (grads - block_mean).square().sum(0) + delta.square() * (seen * k / (seen + k))
+        if self.variant == "var":
+            assert m2 is not None
+            return m2.div_(n)
+        return total.div_(n)
 
 
 class VarGrad(SmoothGrad):

@@ -10,6 +10,7 @@ _EXPORTS = {
     "ConceptMonitor": "concept_monitor",
     "NeighborGallery": "neighbor_gallery",
     "KNNMemoryRefresh": "knn_memory",
+    "TracInCallback": "tracin",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,7 +6,8 @@ Run the cascading model-randomization test of Adebayo et al., "Sanity Checks for
 the model being trained, at the end of fit (default) or every ``n`` epochs, and log which attribution methods pass.
 Not to be confused with Lightning's own pre-training "sanity check" of the validation loop.
 
-Tags written (``<method>`` is a registry name such as ``gradient`` or a method object's ``.name``):
+Tags written (``<method>`` is a registry name such as ``gradient`` or ``integrated_gradients`` -- aliases such as
+``"IG"`` are logged under the registry name -- or a method object's ``.name``):
 
 =====================================  ================================================================================
 ``sanity/cascade``                     image: rows are methods (one block of rows per shown probe), columns the input,
@@ -24,20 +25,28 @@ Tags written (``<method>`` is a registry name such as ``gradient`` or a method o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional, Union
 
-import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_lens._pl import pl, rank_zero_warn
-from lightning_lens.callbacks._probes import ProbeCallback, ProbeCollector, shared_probes
+from lightning_lens._pl import pl
+from lightning_lens.callbacks._base import log
+from lightning_lens.callbacks._probes import ProbeCallback, ProbeCollector
 from lightning_lens.utils import BatchAccessor, ProbeSet
 from lightning_lens.utils.batch import Key
-from lightning_lens.utils.checks import check_bool, check_choice, check_int
+from lightning_lens.utils.checks import (
+    check_bool,
+    check_choice,
+    check_instance,
+    check_int,
+    check_optional,
+    check_str_list,
+)
 
 __all__ = ["RandomizationSanityCheck"]
 
@@ -47,30 +56,43 @@ _BATCHNORM = ("keep", "reset")
 _TARGETS = ("label", "prediction", "randomized_prediction")
 _VERDICT_VALUE = {"passes": 1.0, "inconclusive": 0.0, "fails": -1.0}
 DEFAULT_METHODS = ("gradient", "guided_backprop")
+DEFAULT_FIGURE_METRICS = ("spearman_abs", "spearman_signed")
+#: a check running longer than this reports each stage's progress at info level (debug level before)
+_PROGRESS_AFTER_SECONDS = 5.0
+_DRY_RUN_PROBES = 2
 
 
 class RandomizationSanityCheck(ProbeCallback):
     """Check, on the model being trained, which attribution methods actually depend on its weights.
 
-    The probes (a few validation examples) are drawn once from the first real validation epoch, or passed
-    explicitly, or shared with another lightning-lens callback of the trainer that holds probes (e.g.
-    :class:`~lightning_lens.callbacks.SaliencyMapCallback`), so both show the same examples. The check runs
-    :func:`lightning_lens.sanity.cascading_randomization` (or ``independent_randomization``) on a deep copy of the
-    LightningModule: training is never changed (the module, its gradients, its train/eval modes and the global RNG
-    are untouched), also when run every ``n`` epochs. Rank zero runs the check and logs through
-    :mod:`lightning_lens.loggers`; the tags are listed in the module docstring. Each stage reports its progress
-    through Lightning's info log.
+    The probes (a few validation examples) are drawn once from the validation dataset, or passed explicitly, or
+    shared with another lightning-lens callback of the trainer that asks for the same ``num_probes`` and
+    ``probe_seed`` (e.g. :class:`~lightning_lens.callbacks.SaliencyMapCallback`), so both show the same examples. The
+    check runs :func:`lightning_lens.sanity.cascading_randomization` (or ``independent_randomization``) on a deep copy
+    of the LightningModule: training is never changed (the module, its gradients, its train/eval modes and the global
+    RNG are untouched), also when run every ``n`` epochs. Rank zero runs the check, logs through
+    :mod:`lightning_lens.loggers` (the tags are listed in the module docstring) and writes one line per method with its
+    verdict to the ``lightning_lens`` logger.
+
+    Before the first training step (and at the start of ``trainer.validate()``) the configuration is tried on two
+    examples of one validation batch: the module must be deep-copyable, the ``layers`` must exist, the model must
+    return ``(batch, classes)`` logits, ``target="label"`` needs integer labels, and every method must run. Errors
+    name the argument and the fix. Later failures never stop the fit: each method, the cascade image, the figure, the
+    table, the JSON and the scalars fail (and are reported) on their own.
 
     Args:
-        methods: attribution methods: registry names, ``(name, kwargs)`` pairs, attribution objects built on this
-            LightningModule, or a ``{label: method}`` dict. Default: gradient and Guided Backprop.
+        methods: attribution methods: registry names (aliases such as ``"IG"`` are logged under the registry name),
+            ``(name, kwargs)`` pairs, attribution objects built on this LightningModule, or a ``{label: method}``
+            dict. Default: gradient and Guided Backprop (the paper's pass and fail; both cost one backward pass).
         controls: also run the model-independent Sobel edge map and a fresh random map as methods (see
             :func:`~lightning_lens.sanity.cascading_randomization`); they show what a fail and "no signal" look like.
         num_probes: how many validation examples to check (at least 2, for the floor control).
         probe_seed: seed of the private generator that picks the probes.
-        probes: an explicit :class:`~lightning_lens.utils.ProbeSet` (then nothing is collected).
-        every_n_epochs: also run after every n-th validation epoch during fit (``None``: only at the end of fit).
-        run_at_fit_end: run when fit ends.
+        probes: an explicit :class:`~lightning_lens.utils.ProbeSet` (then nothing is drawn).
+        every_n_epochs: also run after every n-th validation epoch during fit (``None``: only at the end of fit). As
+            for every lightning-lens callback, the first and the last epoch of fit run too, and epochs in between are
+            skipped when they would exceed ``max_overhead``.
+        run_at_fit_end: run when fit ends (skipped when the last epoch's check already saw the final weights).
         mode: ``"cascading"`` (the paper) or ``"independent"``.
         order: ``"top_down"`` (the paper) or ``"bottom_up"``.
         layers: names of blocks to randomize instead of every parameter-owning module (e.g. ``["model.features",
@@ -79,15 +101,23 @@ class RandomizationSanityCheck(ProbeCallback):
         target: explain the probes' ``"label"``, the original ``"prediction"`` (both fixed across stages), or each
             stage's ``"randomized_prediction"`` (the paper's code).
         metrics: similarity metrics (default: all that apply; see :class:`~lightning_lens.sanity.MapSimilarity`).
+        figure_metrics: the metrics ``sanity/similarity`` shows a panel for, besides the verdict's metric (None: every
+            computed metric). Each panel costs about 0.04 s to draw; the default shows the two Spearman correlations,
+            the others are in the table, the scalars and the JSON report.
         rule: the verdict thresholds (:class:`~lightning_lens.sanity.VerdictRule`).
         seed: seed of the randomization's private generator.
-        grid_probes: how many probes the cascade image shows (0: no image).
+        grid_probes: how many probes the cascade image shows (0: no image, and no maps kept). One by default: the
+            verdicts and curves summarize every probe, and each shown probe adds a block of rows to draw.
         input_key, target_key, index_key: where inputs, labels and dataset indices are in a batch.
         cell_size: pixel size of one grid cell.
+        max_overhead: the share of fit time the checks every ``n`` epochs may use (None: no limit); the check at the
+            end of fit always runs.
+        strict: raise the callback's own failures instead of reporting them and continuing (for tests, debugging).
 
     Raises:
-        ValueError: for a choice outside the allowed values, ``num_probes < 2``, ``every_n_epochs < 1``, or nothing
-            to run (``every_n_epochs=None`` and ``run_at_fit_end=False``).
+        ValueError: for a choice outside the allowed values, ``num_probes < 2``, ``every_n_epochs < 1``, empty
+            ``layers``, or nothing to run (``every_n_epochs=None`` and ``run_at_fit_end=False``).
+        TypeError: for arguments of the wrong type.
 
     Example::
 
@@ -114,43 +144,47 @@ class RandomizationSanityCheck(ProbeCallback):
         batchnorm: Literal["keep", "reset"] = "keep",
         target: Literal["label", "prediction", "randomized_prediction"] = "label",
         metrics: Optional[Sequence[str]] = None,
+        figure_metrics: Optional[Sequence[str]] = DEFAULT_FIGURE_METRICS,
         rule: Optional[Any] = None,
         seed: int = 0,
-        grid_probes: int = 2,
+        grid_probes: int = 1,
         input_key: Key = None,
         target_key: Key = None,
         index_key: Key = None,
         cell_size: int = 48,
+        max_overhead: Optional[float] = 0.05,
+        strict: bool = False,
     ) -> None:
-        super().__init__()
-        from lightning_lens.sanity import MapSimilarity, VerdictRule
+        super().__init__(every_n_epochs=every_n_epochs, max_overhead=max_overhead, strict=strict)
+        from lightning_lens.sanity import ALL_METRICS, MapSimilarity, VerdictRule
         from lightning_lens.sanity._common import normalize_methods
 
         self._method_specs = normalize_methods(methods)
         self.controls = check_bool(controls, "controls")
         self.num_probes = check_int(num_probes, "num_probes", minimum=2)
         self.probe_seed = check_int(probe_seed, "probe_seed")
-        self.every_n_epochs = None if every_n_epochs is None else check_int(every_n_epochs, "every_n_epochs", 1)
         self.run_at_fit_end = check_bool(run_at_fit_end, "run_at_fit_end")
         if self.every_n_epochs is None and not self.run_at_fit_end:
             raise ValueError("nothing to run: set every_n_epochs=<n> or run_at_fit_end=True")
         self.mode = check_choice(mode, "mode", _MODES)
         self.order = check_choice(order, "order", _ORDERS)
-        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
-            raise TypeError(f"layers must be a list of module names or None, got {layers!r}")
-        self.layers = None if layers is None else list(layers)
+        self.layers = None if layers is None else list(check_str_list(layers, "layers"))
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers must name at least one module (e.g. ['model.features']) or be None for all")
         self.batchnorm = check_choice(batchnorm, "batchnorm", _BATCHNORM)
         self.target = check_choice(target, "target", _TARGETS)
         self.similarity = MapSimilarity(metrics=metrics)
-        if rule is not None and not isinstance(rule, VerdictRule):
-            raise TypeError(f"rule must be a lightning_lens.sanity.VerdictRule or None, got {type(rule).__name__}")
-        self.rule = rule or VerdictRule()
+        self.figure_metrics = check_optional(check_str_list, figure_metrics, "figure_metrics")
+        for name in self.figure_metrics or ():
+            check_choice(name, "figure_metrics", ALL_METRICS)
+        self.rule = check_optional(check_instance, rule, "rule", VerdictRule) or VerdictRule()
         self.seed = check_int(seed, "seed")
         self.grid_probes = check_int(grid_probes, "grid_probes", minimum=0)
         self.cell_size = check_int(cell_size, "cell_size", minimum=8)
         self._accessor = BatchAccessor(input_key=input_key, target_key=target_key, index_key=index_key)
         self._collector = ProbeCollector(self.num_probes, self._accessor, self.probe_seed, probes, owner=self)
         self._last_report: Any = None
+        self._checked_at: Optional[tuple[Any, int]] = None  # (fn, global step) of the last check during fit
 
     # ------------------------------------------------------------------------------------------------------ properties
     @property
@@ -160,37 +194,114 @@ class RandomizationSanityCheck(ProbeCallback):
 
     @property
     def method_names(self) -> list[str]:
+        """The names the methods are logged under (registry names for named methods)."""
         return [name for name, _ in self._method_specs]
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(methods=self.method_names, mode=self.mode, num_probes=self.num_probes,
-                                        probe_seed=self.probe_seed)
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"methods": self.method_names, "mode": self.mode, "num_probes": self.num_probes,
+                "probe_seed": self.probe_seed}
+
+    # ----------------------------------------------------------------------------------------------------------- setup
+    @override
+    def check_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> None:
+        """Try the configuration on two examples before the first training step (see the class docstring)."""
+        from lightning_lens.utils import resolve_module
+
+        for name in self.layers or ():
+            resolve_module(pl_module, name, argument="layers")  # ValueError naming `layers` and close names
+        with torch.inference_mode(False):
+            clone, memo = _deep_copy(pl_module)
+            source = self._collector.probes if self._collector.explicit else batch
+            if source is None:  # no validation data: the methods can only be built, not run
+                for label, spec in self._method_specs:
+                    _bind(label, spec, pl_module, clone, memo)
+                return
+            inputs, labels = self._dry_run_examples(source)
+            inputs = inputs.to(_device(clone))
+            logits = self._check_output(clone, inputs)
+            target = None
+            if self.target == "label":  # every label of the batch is checked (cheap), two are explained
+                target = self._check_labels(labels, logits.shape[1])[: inputs.shape[0]].to(inputs.device)
+            for label, spec in self._method_specs:
+                method = _bind(label, spec, pl_module, clone, memo)
+                try:
+                    method.explain(inputs, target if target is not None else logits.argmax(dim=1))
+                except Exception as err:
+                    raise ValueError(
+                        f"RandomizationSanityCheck(methods=...): {label!r} failed on {inputs.shape[0]} validation"
+                        f" examples with {type(err).__name__}: {err}. Fix its options (a (name, kwargs) pair) or"
+                        " leave it out of methods"
+                    ) from err
+
+    def _dry_run_examples(self, source: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if isinstance(source, ProbeSet):
+            return source.inputs[:_DRY_RUN_PROBES].clone(), source.targets
+        try:
+            inputs = self._accessor.inputs(source)
+            labels = self._accessor.targets(source)
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"RandomizationSanityCheck: {err.args[0] if err.args else err}") from err
+        return inputs[:_DRY_RUN_PROBES].detach().clone(), None if labels is None else labels.detach().cpu()
+
+    def _check_output(self, clone: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        from lightning_lens.sanity import find_layers
+        from lightning_lens.sanity._common import checked_logits
+
+        outputs: list = []
+        try:
+            # the same discovery pass the check makes: finds the layers (and checks named `layers`) and the output
+            find_layers(clone, inputs, self.layers, output=outputs)
+            return checked_logits(outputs, inputs)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"RandomizationSanityCheck: {err}") from err
+
+    def _check_labels(self, labels: Optional[torch.Tensor], num_classes: int) -> torch.Tensor:
+        if labels is None or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+            found = "no labels" if labels is None else f"labels of dtype {labels.dtype} and shape {tuple(labels.shape)}"
+            raise ValueError(
+                f"RandomizationSanityCheck(target='label') needs one integer class index per example, but the batch"
+                f" has {found}; set target_key to where the labels are, or use target='prediction'"
+            )
+        outside = labels[(labels < 0) | (labels >= num_classes)]
+        if outside.numel():
+            raise ValueError(
+                f"RandomizationSanityCheck(target='label'): labels such as {outside[:3].tolist()} are not class"
+                f" indices of the model's {num_classes} outputs; set target_key to where the class labels are, or use"
+                " target='prediction'"
+            )
+        return labels.long()
 
     # ----------------------------------------------------------------------------------------------------------- hooks
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if trainer.sanity_checking:
+        if not self.is_due(trainer):  # every rank: the decision is collective
             return
-        probes = self._collector.finalize(trainer)  # a collective under DDP: every rank calls it
-        due = (self.every_n_epochs is not None and trainer.state.fn == "fit"
-               and (trainer.current_epoch + 1) % self.every_n_epochs == 0)
-        if due and probes is not None and trainer.is_global_zero:
-            self._check(trainer, pl_module, probes)
+        start = time.perf_counter()
+        probes = self._collector.finalize(trainer)  # every rank (a collective for streamed data)
+        if probes is not None and trainer.is_global_zero:
+            self._check(trainer, pl_module, probes, f"epoch {trainer.current_epoch}")
+        if trainer.state.fn == "fit":
+            self._checked_at = ("fit", int(trainer.global_step))
+        self.record_run_cost(time.perf_counter() - start)
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self.run_at_fit_end or not trainer.is_global_zero:
+        if not self.run_at_fit_end:
             return
-        probes = self._collector.probes or shared_probes(trainer, exclude=self)
+        if self._checked_at == ("fit", int(trainer.global_step)):
+            return  # the last epoch's check already explained these very weights
+        probes = self._collector.finalize(trainer)  # every rank (a collective for streamed data)
+        if not trainer.is_global_zero:
+            return
         if probes is None:
-            rank_zero_warn(
-                "RandomizationSanityCheck: no probes to check at the end of fit (no validation epoch ran); pass"
-                " probes=ProbeSet(...) or add a validation dataloader"
+            self.warn_once(
+                "no probes",
+                "RandomizationSanityCheck: no probes to check at the end of fit (no validation data to draw them"
+                " from); pass probes=ProbeSet(...) or add a validation dataloader",
             )
             return
-        self._check(trainer, pl_module, probes)
+        self._check(trainer, pl_module, probes, "end of fit")
 
     # ----------------------------------------------------------------------------------------------------- internals
     def _targets(self, probes: ProbeSet) -> Union[torch.Tensor, str, None]:
@@ -206,107 +317,152 @@ class RandomizationSanityCheck(ProbeCallback):
             )
         return labels.long()
 
-    def _check(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", probes: ProbeSet) -> None:
-        from lightning_lens.sanity import cascading_randomization, independent_randomization
+    def _check(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", probes: ProbeSet, when: str) -> None:
+        from lightning_lens import render
 
         if len(probes) < 2:
-            rank_zero_warn("RandomizationSanityCheck: fewer than 2 probes; the floor control needs 2, skipping")
+            self.warn_once("few probes",
+                           "RandomizationSanityCheck: fewer than 2 probes; the floor control needs 2, skipping")
             return
-        run = cascading_randomization if self.mode == "cascading" else independent_randomization
-        device = next(pl_module.parameters()).device if any(True for _ in pl_module.parameters()) else "cpu"
-        inputs = probes.inputs.to(device)
-        target = self._targets(probes)
-        if isinstance(target, torch.Tensor):
-            target = target.to(device)
-        start = time.perf_counter()
-        info = pl.utilities.rank_zero_info
-
-        def progress(stage: int, total: int, layer: str) -> None:
-            info(f"RandomizationSanityCheck: stage {stage}/{total} ({layer}) done, {time.perf_counter() - start:.1f}s")
-
-        report = run(
-            pl_module, inputs, target, dict(self._method_specs), order=self.order, layers=self.layers,
-            batchnorm=self.batchnorm, similarity=self.similarity, rule=self.rule, seed=self.seed, keep_maps=True,
-            controls=self.controls, progress=progress,
-        )
+        report = self._randomize(trainer, pl_module, probes)
+        if report is None:
+            return
         self._last_report = report
+        log.info("RandomizationSanityCheck (%s, %d probes, %d stages):\n  %s", when, len(probes), report.num_stages,
+                 "\n  ".join(render.verdict_lines(report)))
         if not trainer.loggers:
-            rank_zero_warn(
+            self.warn_once(
+                "no logger",
                 "RandomizationSanityCheck has no logger to write to (Trainer(logger=False)); the report is still"
-                " available as `.last_report`. Pass a logger, e.g. TensorBoardLogger('lens_logs')."
+                " available as `.last_report`. Pass a logger, e.g. TensorBoardLogger('lens_logs').",
             )
             return
         self._log(trainer, report, probes)
 
+    def _randomize(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", probes: ProbeSet) -> Any:
+        """The report of one check; a method that fails is left out (and reported), the others still run."""
+        from lightning_lens.sanity import cascading_randomization, independent_randomization
+        from lightning_lens.sanity._common import control_methods
+
+        specs = [(label, spec) for label, spec in self._method_specs if _part(label) not in self.disabled]
+        if not specs:
+            self.warn_once("no methods", "RandomizationSanityCheck: every method is switched off after repeated"
+                                         " failures; nothing to check")
+            return None
+        run = cascading_randomization if self.mode == "cascading" else independent_randomization
+        inputs = probes.inputs.to(_device(pl_module))
+        target = self._targets(probes)
+        if isinstance(target, torch.Tensor):
+            target = target.to(inputs.device)
+        start = time.perf_counter()
+
+        def progress(stage: int, total: int, layer: str) -> None:
+            elapsed = time.perf_counter() - start
+            level = 20 if elapsed > _PROGRESS_AFTER_SECONDS else 10  # logging.INFO / DEBUG
+            log.log(level, "RandomizationSanityCheck: stage %d/%d (%s) done, %.1fs", stage, total, layer, elapsed)
+
+        options = dict(order=self.order, layers=self.layers, batchnorm=self.batchnorm, similarity=self.similarity,
+                       rule=self.rule, seed=self.seed, keep_maps=self.grid_probes > 0, progress=progress)
+        try:  # the usual case: one pass over the stages for every method
+            report = run(pl_module, inputs, target, dict(specs), controls=self.controls, **options)
+        except Exception:
+            if self.strict:
+                raise
+        else:
+            for label, _ in specs:
+                self.failures.pop(_part(label), None)
+            return report
+        # something failed: run each method alone (the same seed gives the same stages), each its own part
+        reports = [
+            self.run_part(trainer, _part(label), run, pl_module, inputs, target, {label: spec}, controls=False,
+                          hint="fix the method's options or leave it out of methods", **options)
+            for label, spec in specs
+        ]
+        if self.controls:
+            taken = [label for label, _ in specs]
+            reports.append(self.run_part(trainer, "controls", run, pl_module, inputs, target,
+                                         dict(control_methods(inputs, exclude=taken)), controls=False, **options))
+        done = [r for r in reports if r is not None]
+        if not done:
+            return None
+        results: dict[str, Any] = {}
+        for r in done:
+            results.update(r.results)
+        return dataclasses.replace(done[0], results=results)
+
     def _log(self, trainer: "pl.Trainer", report: Any, probes: ProbeSet) -> None:
-        from lightning_lens import loggers
+        from lightning_lens import loggers, render
 
         step = loggers.logging_step(trainer)
-        if self.grid_probes:
-            image = self._cascade_grid(report, probes)
+
+        def cascade() -> None:
+            labels = None if probes.indices is None else [f"#{int(i)}" for i in probes.indices]
+            image = render.cascade_grid(report, probes.inputs, num_probes=self.grid_probes, probe_labels=labels,
+                                        cell_size=self.cell_size)
             if image is not None:
                 loggers.log_image(trainer, "sanity/cascade", image, step=step, caption=(
-                    f"{report.mode} randomization ({report.order}); rows: methods per probe, columns: input, original,"
-                    " then each randomized stage"))
-        loggers.log_figure(trainer, "sanity/similarity", _similarity_figure(report), step=step)
-        columns, rows = report.to_table()
-        loggers.log_table(trainer, "sanity/verdicts", columns, rows, step=step)
-        loggers.log_json(trainer, "sanity/report", report.to_dict(include_per_example=False), step=step)
-        scalars: dict[str, float] = {}
-        for name, result in report.results.items():
-            for metric in result.metrics:
-                value = report.final(name, metric)
-                if math.isfinite(value):
-                    scalars[f"sanity/{name}/{metric}"] = value
-            scalars[f"sanity/{name}/verdict"] = _VERDICT_VALUE[result.verdict.outcome]
-        # pl_module.log is not allowed in on_fit_end: the sink layer writes straight to the loggers
-        loggers.log_scalars(trainer, scalars, step=step)
+                    f"{report.mode} randomization ({report.order}); rows: methods per probe, columns: input,"
+                    " original, then each randomized stage"))
 
-    def _cascade_grid(self, report: Any, probes: ProbeSet) -> Optional[np.ndarray]:
-        from lightning_lens import render
+        def table() -> None:
+            columns, rows = report.to_table()
+            loggers.log_table(trainer, "sanity/verdicts", columns, rows, step=step)
 
-        shown = min(self.grid_probes, len(probes))
-        results = [r for r in report.results.values() if r.maps is not None and r.maps.dim() == 4]
-        if not results or probes.inputs.dim() != 4:
-            return None  # not image maps: the curves and the table still say everything
-        cells, labels = [], []
-        for i in range(shown):
-            tag = f"#{int(probes.indices[i])}" if probes.indices is not None else f"probe {i}"
-            for r in results:
-                row = [render.to_rgb_uint8(probes.inputs[i].float().clamp(0, 1))]
-                row += [render.heatmap(r.maps[s, i], signed=False, vmax=1.0) for s in range(r.maps.shape[0])]
-                cells.append(row)
-                labels.append(f"{r.name} {tag} ({r.verdict.outcome})")
-        return render.image_grid(cells, row_labels=labels, col_labels=["input", "original", *report.stages],
-                                 cell_size=self.cell_size)
+        def scalars() -> None:
+            values: dict[str, float] = {}
+            for name, result in report.results.items():
+                tag = f"sanity/{loggers.sanitize_tag(name) or 'method'}"
+                for metric in result.metrics:
+                    value = report.final(name, metric)
+                    if math.isfinite(value):
+                        values[f"{tag}/{metric}"] = value
+                values[f"{tag}/verdict"] = _VERDICT_VALUE[result.verdict.outcome]
+            # pl_module.log is not allowed in on_fit_end: the sink layer writes straight to the loggers
+            loggers.log_scalars(trainer, values, step=step)
+
+        def figure() -> None:
+            shown = None
+            if self.figure_metrics is not None:
+                shown = [m for m in report.metrics if m in self.figure_metrics or m == self.rule.metric] or None
+            loggers.log_figure(trainer, "sanity/similarity", render.similarity_figure(report, shown), step=step)
+
+        if self.grid_probes:
+            self.run_part(trainer, "cascade grid", cascade)
+        self.run_part(trainer, "similarity figure", figure)
+        self.run_part(trainer, "verdict table", table)
+        self.run_part(trainer, "report JSON", lambda: loggers.log_json(
+            trainer, "sanity/report", report.to_dict(include_per_example=False), step=step))
+        self.run_part(trainer, "scalars", scalars)
 
 
-def _similarity_figure(report: Any) -> Any:
-    """One panel per metric: median similarity per stage for each method, IQR band, dashed floor."""
-    from lightning_lens import render
+def _part(label: str) -> str:
+    """The failure-isolation part of one method."""
+    return f"method {label}"
 
-    metrics = report.metrics
-    fig, axes = render.new_figure(1, len(metrics), figsize=(3.6 * len(metrics), 3.4))
-    axes = np.atleast_1d(axes)
-    x = np.arange(report.num_stages + 1)
-    ticks = ["original", *report.stages]
-    colors = [f"C{i % 10}" for i in range(len(report.results))]
-    for ax, metric in zip(axes, metrics):
-        for color, (name, r) in zip(colors, report.results.items()):
-            if metric not in r.similarity:
-                continue
-            ax.plot(x, report.curve(name, metric).numpy(), marker="o", ms=3, color=color, label=name)
-            per_example = r.similarity[metric].float()
-            low = torch.cat([torch.tensor([r.ceiling[metric]]), per_example.nanquantile(0.25, dim=1)])
-            high = torch.cat([torch.tensor([r.ceiling[metric]]), per_example.nanquantile(0.75, dim=1)])
-            ax.fill_between(x, low.numpy(), high.numpy(), color=color, alpha=0.15, linewidth=0)
-            if math.isfinite(r.floor[metric]):
-                ax.axhline(r.floor[metric], color=color, linestyle="--", linewidth=0.8)
-        ax.set_title(metric)
-        ax.set_xticks(x)
-        ax.set_xticklabels(ticks, rotation=60, ha="right", fontsize=7)
-        ax.set_ylim(-1.05 if metric == "spearman_signed" else -0.3, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("similarity to the original maps")
-    axes[-1].legend(fontsize=7, loc="best")
-    return fig
+
+def _device(module: torch.nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _deep_copy(pl_module: "pl.LightningModule") -> tuple[torch.nn.Module, dict[int, Any]]:
+    from lightning_lens.sanity._common import private_copy
+
+    try:
+        return private_copy(pl_module)
+    except TypeError as err:
+        raise TypeError(
+            "RandomizationSanityCheck randomizes a deep copy of the LightningModule (the trained module is never"
+            f" touched), and copy.deepcopy(module) fails: {err.__cause__ or err}. Make the module deep-copyable (keep"
+            " open files, locks, clients or generators out of its attributes, or define __deepcopy__), or remove the"
+            " callback"
+        ) from err
+
+
+def _bind(label: str, spec: Any, model: torch.nn.Module, clone: torch.nn.Module, memo: dict[int, Any]) -> Any:
+    from lightning_lens.sanity._common import bind
+
+    try:
+        return bind(label, spec, model, clone, memo)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"RandomizationSanityCheck(methods=...): {err}") from err

@@ -16,11 +16,14 @@ Tags written (``<method>`` is a registry name such as ``gradient`` or a method o
 ``saliency/<method>/mean_abs``             scalar: mean absolute attribution over probes and input elements
 ``saliency/<method>/top10_mass``           scalar: share of a map's total ``|attribution|`` (summed over channels) held
                                            by its 10% highest pixels, averaged over probes: 0.1 for a flat map, 1.0
-                                           when everything sits in a tenth of the image
+                                           when everything sits in a tenth of the image (see
+                                           :func:`lightning_lens.evaluation.saliency_summaries`)
 ``saliency/<method>/seconds``              scalar: wall time to compute (and score) the method's maps this epoch
-``saliency/skipped_methods``               scalar (only with ``time_budget``): methods skipped for lack of time
+``saliency/skipped_methods``               scalar (with ``time_budget``, or when ``max_overhead`` deferred methods):
+                                           methods deferred to a later epoch for lack of time
 ``quality/<method>/<metric>``              scalars from :func:`lightning_lens.evaluation.compute_quality` when
                                            ``quality_metrics`` is set
+``lens_errors/SaliencyMapCallback``        text: a failure of one part (a method, the rendering, ``denormalize``)
 =========================================  ===========================================================================
 """
 
@@ -28,21 +31,29 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Literal, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
-from typing_extensions import override
 
 from lightning_lens._pl import pl, rank_zero_warn
+from lightning_lens.attribution import method_specs
 from lightning_lens.attribution.base import forward_logits
+from lightning_lens.callbacks._base import _last_epoch, log
 from lightning_lens.callbacks._probes import ProbeCallback, ProbeCollector
 from lightning_lens.utils import BatchAccessor, ProbeSet, gradients_enabled, preserve_modes
 from lightning_lens.utils.batch import Key
-from lightning_lens.utils.checks import check_bool, check_choice, check_int, check_str_list
+from lightning_lens.utils.checks import (
+    check_bool,
+    check_choice,
+    check_instance,
+    check_int,
+    check_optional,
+    check_positive_number,
+    check_str_list,
+)
 
 __all__ = ["SaliencyMapCallback"]
 
@@ -50,47 +61,76 @@ _TARGETS = ("label", "prediction")
 _LAYOUTS = ("per_method", "methods_x_probes")
 #: a ``(mean, std)`` pair of per-channel values, to undo input normalization for display
 MeanStd = tuple[list[float], list[float]]
+#: the default methods, at settings that keep the callback within ``max_overhead=0.05`` of a small model's fit
+#: (benchmarks/overhead.py); name a method in ``methods`` to get its own defaults instead.
 DEFAULT_METHODS = ("gradient", "smoothgrad", "integrated_gradients", "gradcam")
+DEFAULT_METHOD_KWARGS: dict[str, dict[str, Any]] = {
+    "smoothgrad": {"n_samples": 10},
+    "integrated_gradients": {"n_steps": 16},
+}
+#: methods that explain through a layer's spatial activation
+_CAM_METHODS = ("gradcam", "hirescam", "guided_gradcam")
+_DRY_RUN_SAMPLES = 2
+_DENORMALIZE_FIX = (
+    "denormalize must take one input sample (a (C, H, W) tensor) and return a tensor of the same shape, e.g."
+    " lambda x: x * std + mean, or be a (mean, std) pair of per-channel lists; the grids are logged without it"
+    " meanwhile"
+)
 
 
 class SaliencyMapCallback(ProbeCallback):
     """Log saliency maps of a fixed probe set during validation.
 
-    The probes are drawn once (``num_probes`` examples spread over classes, reproducibly from ``probe_seed``) from the
-    first validation epoch that is not Lightning's sanity check, or passed explicitly, or reused from another
-    lightning-lens callback of the same trainer that already holds probes. They stay fixed across epochs and across
-    checkpoint resume (:meth:`state_dict`). Every ``every_n_epochs``-th epoch (and on every ``trainer.validate()``)
-    each method explains the probes with the unwrapped LightningModule in eval mode, with gradients taken only with
-    respect to the inputs: training is never changed (no parameter ``.grad``, modes and buffers
-    restored, no global RNG), and it works under ``trainer.validate()`` with ``inference_mode=True``.
+    The probes (``num_probes`` validation examples spread over classes, drawn by dataset position with a private
+    generator seeded by ``probe_seed``, so 1 and N processes agree) are drawn once, at the first logged epoch, or
+    passed explicitly. Other lightning-lens callbacks with the same ``num_probes`` and ``probe_seed`` share them; they
+    stay fixed across epochs and checkpoint resume. On every due epoch (see below) each method explains the probes
+    with the unwrapped LightningModule in eval mode, with gradients taken only with respect to the inputs: training is
+    never changed (no parameter ``.grad``, modes and buffers restored, no global RNG), and it works under
+    ``trainer.validate()`` with ``inference_mode=True``. Rank zero computes, renders and logs through
+    :mod:`lightning_lens.loggers` (TensorBoard, W&B, CSV/files); the tags are listed in the module docstring.
 
-    The probes come from the first validation dataloader. The LightningModule's ``forward`` must map the batch's input
-    tensor to ``(batch, classes)`` logits. Rank zero
-    computes, renders and logs through :mod:`lightning_lens.loggers` (TensorBoard, W&B, CSV/files); the tags are
-    listed in the module docstring.
+    **When.** Every ``every_n_epochs``-th epoch counted from one, always the first and the last epoch of a fit and
+    every ``trainer.validate()``. With ``max_overhead`` (default 5 % of the fit's time) the epochs in between are
+    spaced so that the callback's cumulative time stays within it, and within a logged epoch methods whose cost
+    (measured at their last run, or at setup) would break the budget are deferred. The method that waited longest
+    always runs, so deferred methods run first the next time and every method is logged in turn.
+
+    **Checks at setup.** Before the first training step, one validation batch checks the configuration: the batch
+    keys, the labels, ``denormalize`` against the channel count, the model's ``(batch, classes)`` output and a dry
+    run of every method (and quality metric) on two samples; errors name the argument. The default methods leave
+    Grad-CAM out (with an info line) when the model has no layer with a spatial output (an MLP, a transformer).
+
+    **Failures.** A method, the rendering or ``denormalize`` that raises during fit is reported once (a warning naming
+    the callback, the epoch and the exception, plus a ``lens_errors/SaliencyMapCallback`` text entry) and training
+    continues; a part failing ``max_failures`` times in a row is switched off, the others keep logging. A failing
+    ``denormalize`` leaves the grids undenormalized. ``strict=True`` raises instead.
 
     Args:
         methods: attribution methods, as :func:`lightning_lens.attribution.resolve_method` takes them: registry names
             (see :func:`lightning_lens.attribution.available_methods`), ``(name, kwargs)`` pairs,
-            :class:`~lightning_lens.attribution.base.Attribution`
-            objects built on this LightningModule (or one of its submodules), or callables ``model -> Attribution``
-            such as a method class. Default: gradient, SmoothGrad, Integrated Gradients, Grad-CAM.
+            :class:`~lightning_lens.attribution.base.Attribution` objects built on this LightningModule (or one of its
+            submodules), or callables ``model -> Attribution`` such as a method class. Default (None): gradient,
+            SmoothGrad with 10 samples, Integrated Gradients with 16 steps and Grad-CAM (when the model has a spatial
+            layer); methods named explicitly get their own defaults.
         method_kwargs: keyword arguments per method name for the named methods, e.g.
             ``{"smoothgrad": {"n_samples": 20}, "gradcam": {"layer": "model.features.6"}}``.
         num_probes: how many validation examples to explain.
         probe_seed: seed of the private generator that picks the probes.
-        probes: an explicit :class:`~lightning_lens.utils.ProbeSet` (then nothing is collected).
+        probes: an explicit :class:`~lightning_lens.utils.ProbeSet` (then nothing is drawn).
         every_n_epochs: log on every n-th epoch during ``fit`` (``trainer.validate()`` always logs).
         target: explain the ``"label"`` class or the model's ``"prediction"``.
         input_key: where the inputs are in a batch (int position, dict key or callable); default: see
             :class:`~lightning_lens.utils.BatchAccessor`.
         target_key: where the labels are.
-        index_key: where the dataset indices are (shown in row labels).
-        denormalize: undoes the input normalization for display only: a callable on one ``(C, H, W)`` input (e.g.
+        index_key: where the dataset indices are (shown in row labels; default: the position in the dataset).
+        denormalize: undoes the input normalization for display only: a callable on one input sample (e.g.
             ``lambda x: x * std + mean``) or a ``(mean, std)`` pair of per-channel lists (handy in YAML).
         class_names: names shown instead of class indices in labels.
-        time_budget: seconds allowed per logged epoch. Once spent, the remaining methods are skipped with a warning
-            (counted in ``saliency/skipped_methods``); the methods that waited longest run first the next time.
+        time_budget: seconds allowed per logged epoch. Each method's cost is estimated from its last run (before
+            that, from the setup dry run); a method that would exceed the budget is deferred with a warning (counted
+            in ``saliency/skipped_methods``) and runs first the next time. An epoch takes at most ``time_budget``
+            plus one method's cost.
         layout: ``"per_method"`` (one grid per method: probe, map, overlay) or ``"methods_x_probes"`` (one grid).
         quality_metrics: explanation-quality metrics computed per method on the probes with
             :func:`lightning_lens.evaluation.compute_quality` and logged as ``quality/<method>/<metric>``
@@ -104,11 +144,15 @@ class SaliencyMapCallback(ProbeCallback):
         log_scalars: log the per-method summaries ``saliency/<method>/...``.
         cell_size: pixel size of one grid cell (images are upscaled with nearest neighbours); ``None``: the
             renderer's default.
+        max_overhead: the callback's share of the fit's time (0.05 = 5 %); None: no limit.
+        strict: raise exceptions from the callback's own work instead of reporting them and continuing.
+        max_failures: failures in a row after which one part (a method, the rendering) is switched off.
 
     Raises:
         ValueError: for an unknown method name (the message lists the available ones), a duplicate method,
             ``method_kwargs`` for a method not in ``methods``, ``num_probes < 1``, ``every_n_epochs < 1``, a
-            ``target`` or ``layout`` outside the choices, or a non-positive ``time_budget``.
+            ``target`` or ``layout`` outside the choices, or a non-positive ``time_budget``; at setup, for a
+            configuration the model or the data cannot serve (see "Checks at setup").
         TypeError: for arguments of the wrong type.
 
     Example::
@@ -125,14 +169,14 @@ class SaliencyMapCallback(ProbeCallback):
         # trainer.fit(lit_model, train_loader, val_loader) -> Images tab: saliency/gradient, saliency/gradcam
 
     .. tip:: Several instances can run on one trainer (for example different methods at different frequencies); the
-        checkpoint state key includes the method names, target and probe settings.
+        checkpoint state key includes the method names, the target and the layout.
     """
 
     def __init__(
         self,
-        methods: Sequence[Union[str, Any]] = DEFAULT_METHODS,
+        methods: Optional[Sequence[Union[str, Any]]] = None,
         method_kwargs: Optional[dict[str, dict[str, Any]]] = None,
-        num_probes: int = 16,
+        num_probes: int = 8,
         probe_seed: int = 0,
         probes: Optional[ProbeSet] = None,
         every_n_epochs: int = 1,
@@ -149,32 +193,35 @@ class SaliencyMapCallback(ProbeCallback):
         mask_regions: Optional[Sequence[str]] = None,
         log_scalars: bool = True,
         cell_size: Optional[int] = 64,
+        max_overhead: Optional[float] = 0.05,
+        strict: bool = False,
+        max_failures: int = 3,
     ) -> None:
-        super().__init__()
-        self._method_specs = _check_methods(methods)
+        super().__init__(
+            every_n_epochs=check_int(every_n_epochs, "every_n_epochs", minimum=1),
+            max_overhead=max_overhead,
+            strict=strict,
+            max_failures=max_failures,
+        )
+        self.default_methods = methods is None
+        self._method_specs = method_specs(DEFAULT_METHODS if methods is None else methods, "methods")
         self.method_kwargs = _check_method_kwargs(method_kwargs, self._method_specs)
+        defaults = DEFAULT_METHOD_KWARGS if self.default_methods else {}
+        self._kwargs = {  # what the methods are built with: the callback's settings for its default methods
+            name: {**defaults.get(name, {}), **self.method_kwargs.get(name, {})} for name, _ in self._method_specs
+        }
         self.num_probes = check_int(num_probes, "num_probes", minimum=1)
         self.probe_seed = check_int(probe_seed, "probe_seed")
-        self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", minimum=1)
         self.target = check_choice(target, "target", _TARGETS)
         self.layout = check_choice(layout, "layout", _LAYOUTS)
         self.denormalize = _check_denormalize(denormalize)
-        self.class_names = None if class_names is None else list(check_str_list(class_names, "class_names"))
-        if time_budget is not None:
-            if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)):
-                raise TypeError(f"time_budget must be a number of seconds or None, got {type(time_budget).__name__}")
-            if not time_budget > 0:
-                raise ValueError(f"time_budget must be > 0 seconds (or None for no limit), got {time_budget}")
-        self.time_budget = None if time_budget is None else float(time_budget)
+        self.class_names = check_optional(_str_list, class_names, "class_names")
+        self.time_budget = check_optional(check_positive_number, time_budget, "time_budget")
         self.quality_metrics = check_str_list(quality_metrics, "quality_metrics")
-        if quality_options is not None and not isinstance(quality_options, Mapping):
-            raise TypeError(
-                f"quality_options must be a dict of metric -> dict of keyword arguments, got {quality_options!r}"
-            )
-        self.quality_options = dict(quality_options or {})
-        self.mask_regions = None if mask_regions is None else check_str_list(mask_regions, "mask_regions")
+        self.quality_options = _check_quality_options(quality_options)
+        self.mask_regions = check_optional(check_str_list, mask_regions, "mask_regions")
         self.log_scalars = check_bool(log_scalars, "log_scalars")
-        self.cell_size = None if cell_size is None else check_int(cell_size, "cell_size", minimum=8)
+        self.cell_size = check_optional(check_int, cell_size, "cell_size", minimum=8)
         if self.quality_metrics:
             _check_quality_metrics(self.quality_metrics)
 
@@ -182,9 +229,10 @@ class SaliencyMapCallback(ProbeCallback):
         self._collector = ProbeCollector(self.num_probes, self._accessor, self.probe_seed, probes, owner=self)
         self._methods: list[tuple[str, Any]] = []  # (name, bound method object), built in setup
         self._bound_to: Optional[nn.Module] = None
-        self._last_seconds: dict[str, float] = {}
-        self._logged_round: dict[str, int] = {}  # method -> the last logged epoch (counted in calls) it ran in
-        self._rounds = 0
+        self._left_out: set[str] = set()  # default methods the model cannot serve (Grad-CAM on an MLP)
+        self._estimates: dict[str, float] = {}  # method -> seconds for all probes, from the dry run
+        self._attempted: dict[str, int] = {}  # method -> when it last ran (or failed), counted in method runs
+        self._runs = 0
         self._last_attributions: dict[str, torch.Tensor] = {}
         self._last_targets: Optional[torch.Tensor] = None
 
@@ -201,18 +249,14 @@ class SaliencyMapCallback(ProbeCallback):
 
     @property
     def method_names(self) -> list[str]:
-        """Names of the configured methods, in order (also the tag names)."""
-        return [name for name, _ in self._method_specs]
+        """Names of the methods in use, in order (also the tag names); default methods the model cannot serve are
+        left out once the callback is set up."""
+        return [name for name, _ in self._method_specs if name not in self._left_out]
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            methods=self.method_names, target=self.target, num_probes=self.num_probes, probe_seed=self.probe_seed
-        )
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"methods": [name for name, _ in self._method_specs], "target": self.target, "layout": self.layout}
 
     # ----------------------------------------------------------------------------------------------------------- hooks
-    @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._bind_methods(pl_module)
         if not trainer.loggers:
@@ -221,16 +265,24 @@ class SaliencyMapCallback(ProbeCallback):
                 " and available as `.last_attributions`. Pass a logger, e.g. TensorBoardLogger('lens_logs')."
             )
 
-    @override
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if trainer.sanity_checking:
-            return
-        probes = self._collector.finalize(trainer)  # a collective under DDP: every rank calls it
-        if probes is None or not self._should_log(trainer) or not trainer.is_global_zero:
-            return
-        self._log_maps(trainer, pl_module, probes)
+    def check_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> None:
+        start = time.perf_counter()
+        try:
+            self._check_setup(trainer, pl_module, batch)
+        finally:
+            self.budget.spend(time.perf_counter() - start)
 
-    # ----------------------------------------------------------------------------------------------------- internals
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.is_due(trainer):  # a collective under DDP, as finalize may be: every rank gets here
+            return
+        probes = self._collector.finalize(trainer)
+        if probes is None or not trainer.is_global_zero:
+            return
+        start = time.perf_counter()
+        self._log_maps(trainer, pl_module, probes)
+        self.record_run_cost(time.perf_counter() - start)
+
+    # ------------------------------------------------------------------------------------------------- setup checks
     def _bind_methods(self, pl_module: nn.Module) -> None:
         """Build (or rebuild, for a new module) the method objects on the unwrapped LightningModule."""
         if self._bound_to is pl_module and self._methods:
@@ -240,9 +292,9 @@ class SaliencyMapCallback(ProbeCallback):
         methods = []
         for i, (name, spec) in enumerate(self._method_specs):
             try:
-                method = resolve_method(spec, pl_module, **self.method_kwargs.get(name, {}))
-            except TypeError as err:
-                raise TypeError(f"methods[{i}] ({name!r}): {err}") from err
+                method = resolve_method(spec, pl_module, **self._kwargs.get(name, {}))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"methods[{i}] ({name!r}): {err}") from err
             model = getattr(method, "model", None)
             if isinstance(model, nn.Module) and not any(m is model for m in pl_module.modules()):
                 raise ValueError(
@@ -253,51 +305,247 @@ class SaliencyMapCallback(ProbeCallback):
         self._methods = methods
         self._bound_to = pl_module
 
-    def _should_log(self, trainer: "pl.Trainer") -> bool:
-        if trainer.state.fn != "fit":  # validate() was asked for explicitly
-            return True
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+    def _check_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> None:
+        self._bind_methods(pl_module)
+        explicit = self._collector.probes if self._collector.explicit else None
+        if explicit is not None:
+            sample = explicit.select(torch.arange(min(_DRY_RUN_SAMPLES, len(explicit))))
+        elif batch is None:
+            return  # no validation data: nothing to check against (and nothing will be logged)
+        else:
+            sample = self._sample_of(batch)
+        inputs = sample.inputs
+        _check_input_layout(inputs)
+        if self.target == "label":
+            _check_labels(sample.targets, "the probes" if explicit is not None else "the validation batches")
+        self._check_masks(sample)
+        if isinstance(self.denormalize, tuple):
+            _check_mean_std(self.denormalize, inputs)
+        elif self.denormalize is not None:  # a user callable: a failure is reported, the run goes on without it
+            self.run_part(trainer, "denormalize", _apply_denormalize, self.denormalize, inputs[:1],
+                          hint=_DENORMALIZE_FIX)
+        with preserve_modes(pl_module, mode=False), gradients_enabled():
+            x = _model_inputs(inputs, pl_module)
+            try:
+                with torch.no_grad():
+                    logits = pl_module(x)
+            except Exception as err:
+                raise ValueError(
+                    f"SaliencyMapCallback: the LightningModule's forward failed on the inputs input_key selects (shape"
+                    f" {tuple(inputs.shape)}, dtype {inputs.dtype}): {type(err).__name__}: {err}. Set input_key to"
+                    " what the module's forward takes, or wrap the module so that forward maps those inputs to"
+                    " (batch, classes) logits"
+                ) from err
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+                got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise ValueError(
+                    f"SaliencyMapCallback: the LightningModule's forward returns {got} for {x.shape[0]} inputs; the"
+                    " attribution methods explain (batch, classes) logits: make forward return them (e.g."
+                    " return out['logits']), or explain a wrapper module with method objects built on it"
+                )
+            targets = self._targets(sample, logits.argmax(dim=1).cpu()).to(x.device)
+            _check_targets_fit(targets, logits, self.target)
+            self._adapt_methods(pl_module, x)
+            masks = self._masks(sample, x.device)
+            for i, (name, method) in enumerate(self._methods):
+                if name in self._left_out:
+                    continue
+                self._dry_run_method(i, name, method, pl_module, x, targets, masks)
 
-    def _method_order(self) -> list[tuple[str, Any]]:
-        """Methods that have waited longest run first (ties in the configured order), so under a time budget every
-        method is logged in turn."""
-        return sorted(self._methods, key=lambda m: self._logged_round.get(m[0], -1))
+    def _sample_of(self, batch: Any) -> ProbeSet:
+        """The first samples of a validation batch as a probe set; missing keys are configuration errors."""
+        try:
+            sample = ProbeSet.from_batch(batch, self._accessor)
+        except KeyError as err:
+            raise ValueError(f"SaliencyMapCallback: {err.args[0]}") from None
+        return sample.select(torch.arange(min(_DRY_RUN_SAMPLES, len(sample))))
 
+    def _adapt_methods(self, pl_module: nn.Module, x: torch.Tensor) -> None:
+        """Leave Grad-CAM out of the default methods when no layer has a spatial output."""
+        cams = [name for name, _ in self._methods if name in _CAM_METHODS]
+        if not cams or _spatial_layers(pl_module, x[:1]):
+            return
+        if self.default_methods:
+            self._left_out.update(cams)
+            log.info(
+                "SaliencyMapCallback: the model has no layer with a spatial (batch, channels, height, width) output,"
+                f" so {', '.join(cams)} is left out of the default methods"
+            )
+            return
+        i = next(i for i, (name, _) in enumerate(self._methods) if name in cams)
+        raise ValueError(
+            f"methods[{i}]={cams[0]!r} needs a layer with a spatial (batch, channels, height, width) output larger than"
+            " 1x1, and the model has none (an MLP or a transformer?); remove it from methods, or pass"
+            f" method_kwargs={{{cams[0]!r}: {{'layer': '<module name>'}}}} with a layer that has one"
+        )
+
+    def _dry_run_method(
+        self, i: int, name: str, method: Any, pl_module: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+        masks: dict[str, torch.Tensor],
+    ) -> None:
+        start = time.perf_counter()
+        try:
+            attributions = _check_attributions(method.attribute(x, target=targets), x, name)
+        except Exception as err:
+            raise ValueError(
+                f"methods[{i}] ({name!r}) failed on {x.shape[0]} validation sample(s) at setup with"
+                f" {type(err).__name__}: {err}; fix its options (method_kwargs={{{name!r}: ...}}) or remove it from"
+                " methods"
+            ) from err
+        layer = _cam_layer(method)
+        if layer is not None:
+            shape = _output_shape(pl_module, layer, x[:1])
+            if shape is not None and (len(shape) != 4 or shape[2] * shape[3] <= 1):
+                raise ValueError(
+                    f"methods[{i}] ({name!r}) uses a layer whose output has shape {shape}: a Grad-CAM map needs a"
+                    " spatial (batch, channels, height, width) output larger than 1x1; pass"
+                    f" method_kwargs={{{name!r}: {{'layer': '<module name>'}}}} with an earlier convolutional layer"
+                )
+        if self.quality_metrics:
+            try:
+                self._quality(pl_module, method, x, attributions, targets, masks)
+            except Exception as err:
+                raise ValueError(
+                    f"quality_metrics={list(self.quality_metrics)} failed for {name!r} on {x.shape[0]} validation"
+                    f" sample(s) at setup with {type(err).__name__}: {err}; check quality_options and mask_regions"
+                ) from err
+        self._estimates[name] = (time.perf_counter() - start) * self.num_probes / x.shape[0]
+
+    def _check_masks(self, sample: ProbeSet) -> None:
+        if not self.quality_metrics or self.mask_regions is None:
+            return
+        missing = [r for r in self.mask_regions if r not in sample.masks]
+        if missing:
+            raise ValueError(
+                f"mask_regions={self.mask_regions} names {missing}, which the probes do not carry; available"
+                f" regions (batch keys '<region>_mask'): {sorted(sample.masks)}"
+            )
+
+    # ------------------------------------------------------------------------------------------------- logged epochs
     def _log_maps(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", probes: ProbeSet) -> None:
         from lightning_lens import loggers
 
         self._bind_methods(pl_module)
         step = loggers.logging_step(trainer)
         start = time.perf_counter()
+        limit, reason = self._epoch_limit(trainer)
         computed: dict[str, torch.Tensor] = {}
         scalars: dict[str, float] = {}
-        skipped: list[str] = []
+        deferred: list[str] = []
         with preserve_modes(pl_module, mode=False), gradients_enabled():
             inputs = _model_inputs(probes.inputs, pl_module)
             preds, probs = _predict(pl_module, inputs)
             targets = self._targets(probes, preds)
             masks = self._masks(probes, inputs.device)
-            for name, method in self._method_order():
-                if self._out_of_time(time.perf_counter() - start, name, ran_any=bool(computed)):
-                    skipped.append(name)
-                    continue
-                computed[name], method_scalars = self._explain(name, method, pl_module, inputs, targets, masks)
-                scalars.update(method_scalars)
-                if self.layout == "per_method":
-                    image, caption = self._method_grid(name, probes, computed[name], preds, probs)
-                    loggers.log_image(trainer, f"saliency/{name}", image, step=step, caption=caption)
-        computed = {name: computed[name] for name, _ in self._methods if name in computed}  # configured order
+            display = self._display_images(trainer, probes.inputs)
+            for k, (name, method) in enumerate(self._method_order()):
+                # the method that waited longest always runs (so every method is logged in turn); the others if
+                # their estimated cost fits what is left
+                if k == 0 or self._fits(name, time.perf_counter() - start, limit):
+                    self._run_method(trainer, name, method, pl_module, probes, display, inputs, targets, masks,
+                                     preds, probs, step, computed, scalars)
+                else:
+                    deferred.append(name)
+        computed = {name: computed[name] for name in self.method_names if name in computed}  # configured order
         if self.layout == "methods_x_probes" and computed:
-            image, caption = self._methods_x_probes_grid(computed, probes, preds, probs)
-            loggers.log_image(trainer, "saliency/methods_x_probes", image, step=step, caption=caption)
-        if self.time_budget is not None:
-            scalars["saliency/skipped_methods"] = float(len(skipped))
-            self._warn_skipped(skipped, time.perf_counter() - start, step)
-        self._rounds += 1
+            self.run_part(trainer, "render", self._log_methods_x_probes_grid, trainer, computed, probes, display,
+                          preds, probs, step)
+        if self.time_budget is not None or deferred:
+            scalars["saliency/skipped_methods"] = float(len(deferred))
+        if deferred:
+            self._report_deferred(trainer, deferred, reason, limit, time.perf_counter() - start, step)
         self._last_attributions = computed
         self._last_targets = targets
         if scalars:
-            loggers.log_scalars(trainer, scalars, step=step)
+            self.run_part(trainer, "log", loggers.log_scalars, trainer, scalars, step=step)
+
+    def _run_method(
+        self, trainer: "pl.Trainer", name: str, method: Any, pl_module: nn.Module, probes: ProbeSet,
+        display: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, masks: dict[str, torch.Tensor],
+        preds: torch.Tensor, probs: torch.Tensor, step: int, computed: dict[str, torch.Tensor],
+        scalars: dict[str, float],
+    ) -> None:
+        """One method as a part, then its grid as another part (``layout="per_method"``)."""
+        self._runs += 1
+        self._attempted[name] = self._runs
+        out = self.run_part(trainer, f"method:{name}", self._explain, name, method, pl_module, inputs, targets, masks)
+        if out is None:
+            return
+        computed[name], method_scalars = out
+        scalars.update(method_scalars)
+        if self.layout == "per_method":
+            self.run_part(trainer, f"render:{name}", self._log_method_grid, trainer, name, probes, display,
+                          computed[name], preds, probs, step)
+
+    def _method_order(self) -> list[tuple[str, Any]]:
+        """Methods in use that are switched on; the one that has waited longest runs first (never-run ones in the
+        configured order), so under a budget every method is logged in turn."""
+        active = [(n, m) for n, m in self._methods if n not in self._left_out and f"method:{n}" not in self.disabled]
+        return sorted(active, key=lambda m: self._attempted.get(m[0], -1))
+
+    def _estimate(self, name: str) -> Optional[float]:
+        """Seconds one method takes this epoch with its grid: its last run, else the setup dry run's extrapolation;
+        a grid not drawn yet is costed like the dearest grid drawn so far."""
+        method = self.part_seconds.get(f"method:{name}", self._estimates.get(name))
+        if method is None:
+            return None
+        grids = [s for part, s in self.part_seconds.items() if part.startswith("render:")]
+        return method + self.part_seconds.get(f"render:{name}", max(grids, default=0.0))
+
+    def _fits(self, name: str, elapsed: float, limit: Optional[float]) -> bool:
+        """Whether the method may start now: a measured one if its estimate fits the time left, an unmeasured one
+        while time is left. With the first method, which always runs, an epoch ends within ``limit`` plus one
+        method's cost."""
+        if limit is None:
+            return True
+        estimate = self._estimate(name)
+        if estimate is None:
+            return elapsed < limit
+        return elapsed + estimate <= limit
+
+    def _epoch_limit(self, trainer: "pl.Trainer") -> tuple[Optional[float], str]:
+        """Seconds this epoch's methods may take: ``time_budget`` and the share of ``max_overhead`` left for it."""
+        limits: list[tuple[float, str]] = []
+        if self.time_budget is not None:
+            limits.append((self.time_budget, "time_budget"))
+        allowance = self._overhead_allowance(trainer)
+        if allowance is not None:
+            limits.append((allowance, "max_overhead"))
+        if not limits:
+            return None, ""
+        return min(limits)
+
+    def _overhead_allowance(self, trainer: "pl.Trainer") -> Optional[float]:
+        """What is left of the fit's overhead budget, shared with the last epoch's run when this is not the last."""
+        budget = self.budget
+        if budget.max_overhead is None or budget.started is None or trainer.state.fn != "fit":
+            return None
+        epoch, last = int(trainer.current_epoch), _last_epoch(trainer)
+        trained = budget.training_seconds()
+        projected = trained / (epoch + 1) * (last + 1) if last is not None and last > epoch else trained
+        left = max(0.0, budget.max_overhead * projected - budget.spent)
+        return left / 2 if last is not None and epoch < last else left
+
+    def _report_deferred(
+        self, trainer: "pl.Trainer", deferred: list[str], reason: str, limit: Optional[float], elapsed: float,
+        step: int,
+    ) -> None:
+        epoch = int(trainer.current_epoch)
+        if reason == "time_budget":
+            message = (
+                f"SaliencyMapCallback: time_budget={self.time_budget:g}s was spent after {elapsed:.1f}s; skipped"
+                f" {len(deferred)} method(s) at epoch {epoch} (step {step}): {deferred}. They run first next time."
+                " Raise time_budget or make methods cheaper through method_kwargs (n_samples, n_steps)."
+            )
+            self.warn_once("time_budget", message)
+        else:
+            message = (
+                f"SaliencyMapCallback: deferred {deferred} at epoch {epoch} to stay within"
+                f" max_overhead={self.budget.max_overhead:g} of the fit's time ({limit or 0.0:.2f}s left for this"
+                " epoch); they run first next time. Raise max_overhead, or make methods cheaper through method_kwargs"
+                " (n_samples, n_steps) or num_probes."
+            )
+        log.info(message)
 
     def _explain(
         self,
@@ -309,64 +557,48 @@ class SaliencyMapCallback(ProbeCallback):
         masks: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """One method's maps of the probes (CPU, float, non-finite values zeroed) and its scalars."""
+        from lightning_lens.evaluation import saliency_summaries
+
         start = time.perf_counter()
-        attributions = _check_attributions(method.attribute(inputs, target=targets.to(inputs.device)), inputs, name)
+        target = targets.to(inputs.device)
+        attributions = _check_attributions(method.attribute(inputs, target=target), inputs, name)
         scalars: dict[str, float] = {}
         if self.quality_metrics:
-            quality = self._quality(pl_module, method, inputs, attributions, targets.to(inputs.device), masks)
+            quality = self._quality(pl_module, method, inputs, attributions, target, masks)
             scalars.update({f"quality/{name}/{k}": v for k, v in quality.items()})
         seconds = time.perf_counter() - start
-        self._last_seconds[name] = seconds
-        self._logged_round[name] = self._rounds
-        maps = torch.nan_to_num(attributions.detach().float().cpu(), nan=0.0, posinf=0.0, neginf=0.0)
+        maps = attributions.detach().float().cpu()
+        finite = torch.isfinite(maps)
+        if not bool(finite.all()):
+            self.warn_once(
+                f"nonfinite:{name}",
+                f"SaliencyMapCallback: method {name!r} produced {int((~finite).sum())} non-finite attribution values;"
+                " they are drawn and summarized as 0",
+            )
+            maps = torch.where(finite, maps, torch.zeros(()))
         if self.log_scalars:
-            scalars.update({f"saliency/{name}/{k}": v for k, v in _summaries(maps).items()})
+            scalars.update({f"saliency/{name}/{k}": v for k, v in saliency_summaries(maps).items()})
             scalars[f"saliency/{name}/seconds"] = seconds
         return maps, scalars
-
-    def _warn_skipped(self, skipped: list[str], elapsed: float, step: int) -> None:
-        if skipped:
-            rank_zero_warn(
-                f"SaliencyMapCallback: time_budget={self.time_budget:g}s was spent after {elapsed:.1f}s; skipped"
-                f" {len(skipped)} method(s) at step {step}: {skipped}. The methods that waited longest run first next"
-                " time. Raise time_budget or make methods cheaper through method_kwargs (n_samples, n_steps)."
-            )
-
-    def _out_of_time(self, elapsed: float, name: str, ran_any: bool) -> bool:
-        if self.time_budget is None or not ran_any:  # at least one method always runs
-            return False
-        return elapsed + self._last_seconds.get(name, 0.0) > self.time_budget
 
     def _targets(self, probes: ProbeSet, preds: torch.Tensor) -> torch.Tensor:
         if self.target == "prediction":
             return preds
+        _check_labels(probes.targets, "the probes")
         labels = probes.targets
-        if labels is None:
+        assert labels is not None
+        if labels.shape[0] != preds.shape[0]:
             raise ValueError(
-                "SaliencyMapCallback(target='label') found no labels in the validation batches; set target_key to"
-                " where they are, or use target='prediction'"
-            )
-        if labels.dim() != 1 or labels.is_floating_point() or labels.shape[0] != preds.shape[0]:
-            raise ValueError(
-                f"SaliencyMapCallback(target='label') needs one integer class index per example, got labels of shape"
-                f" {tuple(labels.shape)} and dtype {labels.dtype}; set target_key (a callable works) or use"
-                " target='prediction'"
+                f"SaliencyMapCallback(target='label') needs one label per probe, got {labels.shape[0]} labels for"
+                f" {preds.shape[0]} probes; set target_key (a callable works) or use target='prediction'"
             )
         return labels.long()
 
     def _masks(self, probes: ProbeSet, device: torch.device) -> dict[str, torch.Tensor]:
         if not self.quality_metrics:
             return {}
-        if self.mask_regions is None:
-            regions = list(probes.masks)
-        else:
-            missing = [r for r in self.mask_regions if r not in probes.masks]
-            if missing:
-                raise ValueError(
-                    f"mask_regions={self.mask_regions} names {missing}, which the probes do not carry; available"
-                    f" regions (batch keys '<region>_mask'): {sorted(probes.masks)}"
-                )
-            regions = list(self.mask_regions)
+        self._check_masks(probes)
+        regions = list(probes.masks) if self.mask_regions is None else list(self.mask_regions)
         return {r: probes.masks[r].to(device) for r in regions}
 
     def _quality(
@@ -380,12 +612,20 @@ class SaliencyMapCallback(ProbeCallback):
     ) -> dict[str, float]:
         compute_quality = _compute_quality()
         values = compute_quality(
-            pl_module, method, inputs, attributions, targets, masks, list(self.quality_metrics),
-            options=self.quality_options, seed=self.probe_seed,
+            pl_module, method, inputs, attributions, targets, {r: m[: inputs.shape[0]] for r, m in masks.items()},
+            list(self.quality_metrics), options=self.quality_options, seed=self.probe_seed,
         )
         return {str(k): float(v) for k, v in values.items()}
 
     # ------------------------------------------------------------------------------------------------------ rendering
+    def _display_images(self, trainer: "pl.Trainer", inputs: torch.Tensor) -> torch.Tensor:
+        """The probes as shown: denormalized when ``denormalize`` is given and works (a part: a failure is
+        reported and the raw inputs are shown)."""
+        if self.denormalize is None:
+            return inputs
+        shown = self.run_part(trainer, "denormalize", _apply_denormalize, self.denormalize, inputs,
+                              hint=_DENORMALIZE_FIX)
+        return inputs if shown is None else shown
 
     def _class(self, c: int) -> str:
         if self.class_names is not None and 0 <= c < len(self.class_names):
@@ -406,17 +646,19 @@ class SaliencyMapCallback(ProbeCallback):
         return labels
 
     def _method_grid(
-        self, name: str, probes: ProbeSet, attributions: torch.Tensor, preds: torch.Tensor, probs: torch.Tensor
+        self,
+        name: str,
+        probes: ProbeSet,
+        display: torch.Tensor,
+        attributions: torch.Tensor,
+        preds: torch.Tensor,
+        probs: torch.Tensor,
     ) -> tuple[np.ndarray, str]:
         from lightning_lens import render
 
         cells = []
-        for image, attribution in zip(probes.inputs.float(), attributions):
-            cells.append([
-                render.to_rgb_uint8(image, denormalize=self.denormalize),
-                render.heatmap(attribution),
-                render.overlay(image, attribution, denormalize=self.denormalize),
-            ])
+        for image, attribution in zip(_as_images(display.float()), _as_images(attributions)):
+            cells.append([render.to_rgb_uint8(image), render.heatmap(attribution), render.overlay(image, attribution)])
         grid = render.image_grid(
             cells,
             row_labels=self._probe_labels(probes, preds, probs),
@@ -426,13 +668,25 @@ class SaliencyMapCallback(ProbeCallback):
         caption = f"{name} (target: {self.target}); rows: probes, columns: input, map, overlay"
         return grid, caption
 
+    def _log_method_grid(self, trainer: "pl.Trainer", name: str, probes: ProbeSet, display: torch.Tensor,
+                         attributions: torch.Tensor, preds: torch.Tensor, probs: torch.Tensor, step: int) -> None:
+        from lightning_lens import loggers
+
+        image, caption = self._method_grid(name, probes, display, attributions, preds, probs)
+        loggers.log_image(trainer, f"saliency/{loggers.sanitize_tag(name)}", image, step=step, caption=caption)
+
     def _methods_x_probes_grid(
-        self, computed: Mapping[str, torch.Tensor], probes: ProbeSet, preds: torch.Tensor, probs: torch.Tensor
+        self,
+        computed: Mapping[str, torch.Tensor],
+        probes: ProbeSet,
+        display: torch.Tensor,
+        preds: torch.Tensor,
+        probs: torch.Tensor,
     ) -> tuple[np.ndarray, str]:
         from lightning_lens import render
 
-        rows = [[render.to_rgb_uint8(image, denormalize=self.denormalize) for image in probes.inputs.float()]]
-        rows += [[render.heatmap(a) for a in attributions] for attributions in computed.values()]
+        rows = [[render.to_rgb_uint8(image) for image in _as_images(display.float())]]
+        rows += [[render.heatmap(a) for a in _as_images(attributions)] for attributions in computed.values()]
         grid = render.image_grid(
             rows,
             row_labels=["input", *computed],
@@ -442,43 +696,20 @@ class SaliencyMapCallback(ProbeCallback):
         caption = f"saliency maps (target: {self.target}); rows: input then one per method, columns: probes"
         return grid, caption
 
+    def _log_methods_x_probes_grid(self, trainer: "pl.Trainer", computed: Mapping[str, torch.Tensor],
+                                   probes: ProbeSet, display: torch.Tensor, preds: torch.Tensor, probs: torch.Tensor,
+                                   step: int) -> None:
+        from lightning_lens import loggers
+
+        image, caption = self._methods_x_probes_grid(computed, probes, display, preds, probs)
+        loggers.log_image(trainer, "saliency/methods_x_probes", image, step=step, caption=caption)
+
 
 # --------------------------------------------------------------------------------------------------------- helpers
-def _check_methods(methods: Any) -> list[tuple[str, Any]]:
-    """(name, spec) pairs: names in their registry spelling, objects and factories named by ``.name``."""
-    if isinstance(methods, str) or not isinstance(methods, Sequence):
-        raise TypeError(
-            f"methods must be a list of method names, method objects or factories, got {methods!r}"
-            + (f"; did you mean methods=[{methods!r}]?" if isinstance(methods, str) else "")
-        )
-    if len(methods) == 0:
-        raise ValueError("methods is empty; name at least one attribution method, e.g. methods=['gradient']")
-    from lightning_lens.attribution import method_name
-
-    specs: list[tuple[str, Any]] = []
-    for i, spec in enumerate(methods):
-        try:
-            name = method_name(spec)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"methods[{i}]={spec!r}: {err}") from None
-        specs.append((name, name if isinstance(spec, str) else spec))  # aliases ("ig") log under the registry name
-    names = [n for n, _ in specs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(
-            f"methods contains {duplicates} more than once; each method logs under saliency/<name>, so names must be"
-            " unique (give differently configured objects distinct .name attributes)"
-        )
-    return specs
-
-
 def _check_method_kwargs(method_kwargs: Any, specs: list[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
     if method_kwargs is None:
         return {}
-    if not isinstance(method_kwargs, Mapping):
-        raise TypeError(
-            f"method_kwargs must be a dict of method name -> dict of keyword arguments, got {method_kwargs!r}"
-        )
+    check_instance(method_kwargs, "method_kwargs", Mapping, hint="method name -> dict of keyword arguments")
     from lightning_lens.attribution import canonical_name
 
     named = [name for name, spec in specs if isinstance(spec, str)]
@@ -489,34 +720,39 @@ def _check_method_kwargs(method_kwargs: Any, specs: list[tuple[str, Any]]) -> di
                 f"method_kwargs has an entry for {key!r}, which is not among the methods given by name ({named});"
                 " configure method objects directly instead"
             )
-        if not isinstance(kwargs, Mapping):
-            raise TypeError(f"method_kwargs[{key!r}] must be a dict of keyword arguments, got {kwargs!r}")
+        check_instance(kwargs, f"method_kwargs[{key!r}]", Mapping, hint="keyword arguments")
         out[canonical_name(key)] = dict(kwargs)
     return out
 
 
+def _check_quality_options(options: Any) -> dict[str, dict[str, Any]]:
+    if options is None:
+        return {}
+    check_instance(options, "quality_options", Mapping, hint="metric name -> dict of keyword arguments")
+    for key, value in options.items():
+        check_instance(key, "quality_options keys", str)
+        check_instance(value, f"quality_options[{key!r}]", Mapping, hint="keyword arguments")
+    return {k: dict(v) for k, v in options.items()}
+
+
+def _str_list(value: Any, argument: str) -> list[str]:
+    return list(check_str_list(value, argument))
+
+
 def _compute_quality() -> Callable[..., Mapping[str, float]]:
-    try:
-        from lightning_lens.evaluation import compute_quality
-    except ImportError as err:
-        raise RuntimeError(
-            "quality_metrics needs lightning_lens.evaluation.compute_quality, which this installation lacks; leave"
-            " quality_metrics empty"
-        ) from err
+    from lightning_lens.evaluation import compute_quality
+
     return compute_quality
 
 
 def _check_quality_metrics(metrics: Sequence[str]) -> None:
-    """Fail at construction for unknown metric names when the evaluation module lists what it offers."""
-    _compute_quality()
-    from lightning_lens import evaluation
+    """Fail at construction for unknown metric names."""
+    from lightning_lens.evaluation import available_quality_metrics
 
-    available = getattr(evaluation, "available_quality_metrics", None)
-    if callable(available):
-        known = list(available())
-        unknown = [m for m in metrics if m not in known]
-        if unknown:
-            raise ValueError(f"quality_metrics names unknown metric(s) {unknown}; available: {known}")
+    known = list(available_quality_metrics())
+    unknown = [m for m in metrics if m not in known]
+    if unknown:
+        raise ValueError(f"quality_metrics names unknown metric(s) {unknown}; available: {known}")
 
 
 def _check_denormalize(denormalize: Any) -> Any:
@@ -524,12 +760,90 @@ def _check_denormalize(denormalize: Any) -> Any:
         return denormalize
     if isinstance(denormalize, Sequence) and not isinstance(denormalize, str) and len(denormalize) == 2:
         mean, std = (list(v) if isinstance(v, Sequence) else [v] for v in denormalize)
-        if all(isinstance(v, (int, float)) for v in mean + std) and len(mean) == len(std):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mean + std)
+        if numbers and mean and std:
+            if len(mean) != len(std):
+                raise ValueError(
+                    f"denormalize=(mean, std) has {len(mean)} mean(s) and {len(std)} std(s); give one of each per"
+                    " channel"
+                )
             return (tuple(float(v) for v in mean), tuple(float(v) for v in std))
     raise TypeError(
-        f"denormalize must be a callable (C, H, W) -> (C, H, W), a (mean, std) pair of per-channel lists or None,"
-        f" got {denormalize!r}"
+        "denormalize must be a callable on one input sample, e.g. lambda x: x * std + mean, a (mean, std) pair of"
+        f" per-channel lists or None, got {denormalize!r}"
     )
+
+
+def _check_mean_std(denormalize: tuple[tuple[float, ...], tuple[float, ...]], inputs: torch.Tensor) -> None:
+    channels = int(inputs.shape[1]) if inputs.dim() == 4 else 1
+    given = len(denormalize[0])
+    if given not in (1, channels):
+        need = "one value" if channels == 1 else f"one value or {channels} values"
+        raise ValueError(
+            f"denormalize=(mean, std) gives {given} values each, but the inputs have {channels} channel(s): pass"
+            f" {need} each, the mean and std used to normalize these inputs"
+        )
+
+
+def _apply_denormalize(denormalize: Any, inputs: torch.Tensor) -> torch.Tensor:
+    """The inputs denormalized for display: ``(mean, std)`` per channel, or the callable on every sample."""
+    x = inputs.detach().float().cpu()
+    if isinstance(denormalize, tuple):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.tensor(denormalize[0]).reshape(shape)
+        std = torch.tensor(denormalize[1]).reshape(shape)
+        return x * std + mean
+    out = []
+    for sample in x:
+        shown = denormalize(sample.clone())
+        if not isinstance(shown, torch.Tensor) or shown.shape != sample.shape:
+            got = tuple(shown.shape) if isinstance(shown, torch.Tensor) else type(shown).__name__
+            raise ValueError(f"denormalize returned {got} for an input of shape {tuple(sample.shape)}")
+        out.append(shown.detach().float().cpu())
+    return torch.stack(out)
+
+
+def _check_input_layout(inputs: torch.Tensor) -> None:
+    if inputs.is_floating_point() and 2 <= inputs.dim() <= 4:
+        return
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"input_key selects inputs of dtype {inputs.dtype}; saliency maps are gradients with respect to the"
+            " inputs, so they must be floating point (pixels, features). For token ids, explain with"
+            " lightning_lens.attribution on the embeddings' output instead of this callback"
+        )
+    raise ValueError(
+        f"input_key selects inputs of shape {tuple(inputs.shape)}; SaliencyMapCallback draws (batch, features),"
+        " (batch, height, width) or (batch, channels, height, width) inputs: set input_key (a callable works) to"
+        " select them"
+    )
+
+
+def _check_labels(labels: Optional[torch.Tensor], where: str) -> None:
+    if labels is None:
+        raise ValueError(
+            f"SaliencyMapCallback(target='label') found no labels in {where}; set target_key to where they are, or"
+            " use target='prediction'"
+        )
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise ValueError(
+            f"SaliencyMapCallback(target='label') needs one integer class index per example, got labels of shape"
+            f" {tuple(labels.shape)} and dtype {labels.dtype}; set target_key (a callable works) or use"
+            " target='prediction'"
+        )
+
+
+def _check_targets_fit(targets: torch.Tensor, logits: torch.Tensor, target: str) -> None:
+    classes = int(logits.shape[1])
+    bad = targets[(targets < 0) | (targets >= classes)]
+    if bad.numel():
+        binary = " (one logit: a binary model)" if classes == 1 else ""
+        raise ValueError(
+            f"SaliencyMapCallback(target={target!r}): the labels hold class {int(bad[0])}, but the model returns"
+            f" {classes} logit(s) per example{binary}; use target='prediction'"
+            + (" (it explains the single logit), or return two logits, e.g. torch.cat([-z, z], dim=1)"
+               if classes == 1 else ", or set target_key to the class indices")
+        )
 
 
 def _model_inputs(inputs: torch.Tensor, pl_module: nn.Module) -> torch.Tensor:
@@ -537,11 +851,7 @@ def _model_inputs(inputs: torch.Tensor, pl_module: nn.Module) -> torch.Tensor:
     param = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
-    if not inputs.is_floating_point():
-        raise TypeError(
-            f"the probes' inputs have dtype {inputs.dtype}; saliency needs floating-point inputs: set input_key to a"
-            " callable that returns them as floats"
-        )
+    _check_input_layout(inputs)
     return inputs.to(device=device, dtype=dtype).clone()
 
 
@@ -558,30 +868,75 @@ def _check_attributions(attributions: Any, inputs: torch.Tensor, name: str) -> t
         isinstance(attributions, torch.Tensor)
         and attributions.dim() == inputs.dim()
         and attributions.shape[0] == inputs.shape[0]
-        and attributions.shape[1] in (1, inputs.shape[1])
+        and (inputs.dim() < 4 or attributions.shape[1] in (1, inputs.shape[1]))
     )
     if not ok:
         shape = tuple(attributions.shape) if isinstance(attributions, torch.Tensor) else type(attributions).__name__
         raise ValueError(
             f"method {name!r} returned attributions of shape {shape} for inputs of shape {tuple(inputs.shape)};"
-            " expected (B, C, H, W) or (B, 1, h, w)"
-        )
-    if not torch.isfinite(attributions).all():
-        warnings.warn(
-            f"method {name!r} produced non-finite attributions; they are drawn and summarized as 0",
-            RuntimeWarning,
-            stacklevel=2,
+            " expected the inputs' shape or (B, 1, h, w)"
         )
     return attributions
 
 
-def _summaries(attributions: torch.Tensor) -> dict[str, float]:
-    """mean_abs and top10_mass of (B, C, H, W) maps (see the module docstring)."""
-    a = torch.nan_to_num(attributions.abs(), nan=0.0, posinf=0.0, neginf=0.0)
-    per_pixel = a.sum(dim=1).flatten(1)  # (B, H*W)
-    k = max(1, math.ceil(0.1 * per_pixel.shape[1]))
-    total = per_pixel.sum(dim=1)
-    top = per_pixel.topk(k, dim=1).values.sum(dim=1)
-    nonzero = total > 0
-    top10 = float((top[nonzero] / total[nonzero]).mean()) if bool(nonzero.any()) else float("nan")
-    return {"mean_abs": float(a.mean()), "top10_mass": top10}
+def _as_images(x: torch.Tensor) -> torch.Tensor:
+    """Samples as (B, C, H, W) images for display: features padded into a square, channels other than 1/3/4
+    summed."""
+    x = x.detach().float().cpu()
+    if x.dim() == 2:
+        side = math.isqrt(x.shape[1] - 1) + 1 if x.shape[1] > 1 else 1
+        padded = torch.zeros(x.shape[0], side * side)
+        padded[:, : x.shape[1]] = x
+        return padded.reshape(x.shape[0], 1, side, side)
+    if x.dim() == 3:
+        return x.unsqueeze(1)
+    if x.shape[1] not in (1, 3, 4):
+        return x.sum(dim=1, keepdim=True)
+    return x
+
+
+def _spatial_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the submodules whose output is 4-D with more than one spatial position (one forward, no grad)."""
+    found: list[str] = []
+    handles = []
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
+                found.append(name)
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if module is not model:
+                handles.append(module.register_forward_hook(make_hook(name)))
+        with torch.no_grad():
+            model(x.detach().clone())
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _cam_layer(method: Any) -> Optional[nn.Module]:
+    layer = getattr(method, "layer", None)
+    if layer is None:
+        layer = getattr(getattr(method, "gradcam", None), "layer", None)
+    return layer if isinstance(layer, nn.Module) else None
+
+
+def _output_shape(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> Optional[tuple[int, ...]]:
+    shapes: list[tuple[int, ...]] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            shapes.append(tuple(output.shape))
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(x.detach().clone())
+    finally:
+        handle.remove()
+    return shapes[-1] if shapes else None

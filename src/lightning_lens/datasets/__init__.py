@@ -5,6 +5,7 @@ from lightning_lens._lazy import lazy_exports
 _EXPORTS = {
     "SpuriousDigits": "spurious_digits",
     "SevenSegmentDigits": "seven_segment",
+    "SignRegimes": "sign_regimes",
     "make_trigonometry": "synthetic_concepts",
     "make_dot": "synthetic_concepts",
     "make_xor": "synthetic_concepts",

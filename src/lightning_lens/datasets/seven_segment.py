@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_lens.utils.checks import check_choice
+from lightning_lens.utils.checks import check_choice, check_int
 
 SEGMENT_NAMES: tuple[str, ...] = ("a", "b", "c", "d", "e", "f", "g")
 """Segment names in concept order (index 0 = a)."""
@@ -132,8 +132,8 @@ class SevenSegmentDigits(Dataset):
             raise ValueError(
                 f"fractions must be three non-negative numbers summing to 1 (train, val, test), got {fractions}"
             )
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-            raise ValueError(f"image_size must be a positive int (8 = native resolution), got {image_size!r}")
+        check_int(seed, "seed", minimum=0)
+        check_int(image_size, "image_size", minimum=1)  # 8 = the digits' native resolution
         from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
         digits = load_digits()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lightning_lens.utils.checks import check_choice
+from lightning_lens.utils.checks import check_choice, check_fraction, check_instance, check_int
 
 __all__ = ["SpuriousDigits"]
 
@@ -56,12 +56,6 @@ def _square_positions(square_size: int) -> np.ndarray:
     left = [(int(r), 0) for r in rows]
     right = [(int(r), _SIDE - square_size) for r in rows]
     return np.array(left + right, dtype=np.int64)
-
-
-def _check_fraction(value: float, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{argument} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 def _choose_per_class(rng: np.random.Generator, classes: np.ndarray, fraction: float, pool: np.ndarray) -> np.ndarray:
@@ -147,10 +141,10 @@ class SpuriousDigits(Dataset):
         mislabel_fraction: float = 1.0,
     ) -> None:
         check_choice(split, "split", _SPLITS)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.train_shortcut_fraction = _check_fraction(train_shortcut_fraction, "train_shortcut_fraction")
-        self.eval_shortcut_fraction = _check_fraction(eval_shortcut_fraction, "eval_shortcut_fraction")
+        check_int(seed, "seed", minimum=0)
+        self.train_shortcut_fraction = check_fraction(train_shortcut_fraction, "train_shortcut_fraction",
+                                                      allow_zero=True)
+        self.eval_shortcut_fraction = check_fraction(eval_shortcut_fraction, "eval_shortcut_fraction", allow_zero=True)
         check_choice(eval_shortcut_mode, "eval_shortcut_mode", _EVAL_MODES)
         fractions = [float(f) for f in split_fractions]
         if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
@@ -158,25 +152,21 @@ class SpuriousDigits(Dataset):
                 "split_fractions must be three positive numbers (train, val, test) summing to 1, "
                 f"got {split_fractions!r}"
             )
-        if isinstance(square_size, bool) or not isinstance(square_size, int) or not 1 <= square_size <= 8:
-            raise ValueError(f"square_size must be an int in [1, 8], got {square_size!r}")
-        if not isinstance(square_value, (int, float)) or not 0.0 < square_value <= 1.0:
-            raise ValueError(f"square_value must be in (0, 1], got {square_value!r}")
-        if upsample not in ("bilinear", "nearest"):
-            raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
-        if not isinstance(mask_threshold, (int, float)) or not 0.0 <= mask_threshold < 1.0:
-            raise ValueError(f"mask_threshold must be in [0, 1), got {mask_threshold!r}")
-        self.mislabel_fraction = _check_fraction(mislabel_fraction, "mislabel_fraction")
+        check_int(square_size, "square_size", minimum=1, maximum=8)
+        check_fraction(square_value, "square_value")
+        check_choice(upsample, "upsample", ("bilinear", "nearest"))
+        check_fraction(mask_threshold, "mask_threshold", allow_zero=True, allow_one=False)
+        self.mislabel_fraction = check_fraction(mislabel_fraction, "mislabel_fraction", allow_zero=True)
         if mislabel_group is not None:
-            if not isinstance(mislabel_group, Mapping) or not mislabel_group:
-                raise ValueError(f"mislabel_group must be a non-empty dict like {{'digit': 3, 'thickness': 2}}")
+            check_instance(mislabel_group, "mislabel_group", Mapping, hint="a dict like {'digit': 3, 'thickness': 2}")
+            if not mislabel_group:
+                raise ValueError("mislabel_group must be a non-empty dict like {'digit': 3, 'thickness': 2}")
             unknown = set(mislabel_group) - {"digit", "thickness"}
             if unknown:
                 raise ValueError(f"mislabel_group may only use the keys 'digit' and 'thickness', got {sorted(unknown)}")
-            if mislabel_as is None or isinstance(mislabel_as, bool) or not 0 <= int(mislabel_as) < self.num_classes:
-                raise ValueError(
-                    f"mislabel_as must be a class in [0, 9] when mislabel_group is set, got {mislabel_as!r}"
-                )
+            if mislabel_as is None:
+                raise ValueError("mislabel_as must be a class in [0, 9] when mislabel_group is set, got None")
+            check_int(mislabel_as, "mislabel_as", minimum=0, maximum=self.num_classes - 1)
             if "digit" in mislabel_group and int(mislabel_group["digit"]) == int(mislabel_as):
                 raise ValueError("mislabel_as equals the group's digit: nothing would be mislabeled")
         elif mislabel_as is not None:

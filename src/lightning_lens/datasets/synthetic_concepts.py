@@ -16,12 +16,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lightning_lens.utils.checks import check_int
+
 __all__ = ["make_dot", "make_trigonometry", "make_xor"]
 
 
-def _check_size(n: int) -> None:
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive int (number of samples), got {n!r}")
+def _check_size(n: int, seed: int) -> None:
+    check_int(n, "n", minimum=1)
+    check_int(seed, "seed", minimum=0)
 
 
 def _tensors(x: np.ndarray, c: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,7 +52,7 @@ def make_xor(n: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
         >>> bool(((x > 0.5).float() == c).all()), bool((y[:, 0] == (c[:, 0] != c[:, 1]).float()).all())
         (True, True)
     """
-    _check_size(n)
+    _check_size(n, seed)
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.0, 1.0, size=(n, 2))
     c = x > 0.5
@@ -74,7 +76,7 @@ def make_trigonometry(n: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch
         >>> tuple(x.shape), tuple(c.shape), tuple(y.shape)
         ((5, 7), (5, 3), (5, 1))
     """
-    _check_size(n)
+    _check_size(n, seed)
     rng = np.random.default_rng(seed)
     h = rng.normal(0.0, 2.0, size=(n, 3))
     a, b, d = h[:, 0], h[:, 1], h[:, 2]
@@ -102,7 +104,7 @@ def make_dot(n: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
         >>> tuple(x.shape), tuple(c.shape), tuple(y.shape)
         ((3, 4), (3, 2), (3, 1))
     """
-    _check_size(n)
+    _check_size(n, seed)
     rng = np.random.default_rng(seed)
     v1 = rng.normal(0.0, 2.0, size=(n, 2))
     v3 = rng.normal(0.0, 2.0, size=(n, 2))

@@ -40,6 +40,7 @@ from lightning_lens.evaluation.quality import (
     compute_quality,
 )
 from lightning_lens.evaluation.robustness import SensitivityResult, max_sensitivity
+from lightning_lens.evaluation.summaries import saliency_summaries, top_mass
 
 __all__ = [
     "CHEAP_METRICS",
@@ -61,5 +62,7 @@ __all__ = [
     "pointing_game",
     "relevance_mass_accuracy",
     "relevance_rank_accuracy",
+    "saliency_summaries",
     "substrate_like",
+    "top_mass",
 ]

@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from lightning_lens.attribution.base import Attribution
+from lightning_lens.attribution.registry import MethodSpec, resolve_method
 from lightning_lens.evaluation._common import model_device
 from lightning_lens.evaluation.faithfulness import perturbation_curve
 from lightning_lens.evaluation.localization import (
@@ -21,7 +23,7 @@ from lightning_lens.evaluation.localization import (
     relevance_rank_accuracy,
 )
 from lightning_lens.evaluation.robustness import max_sensitivity
-from lightning_lens.utils.checks import check_tensor
+from lightning_lens.utils.checks import check_differentiable_inputs, check_tensor
 from lightning_lens.utils.targets import Target
 
 __all__ = [
@@ -65,27 +67,18 @@ def available_quality_metrics() -> list[str]:
     return list(QUALITY_METRICS)
 
 
-def _resolve_method(method: Any, model: nn.Module) -> Any:
-    if method is None:
-        return None
-    if isinstance(method, type):
-        raise TypeError(f"method must be an instance bound to the model, e.g. {method.__name__}(model), not the class")
-    if callable(method) and not hasattr(method, "attribute"):
-        return method  # an explainer function (inputs, target) -> attributions
-    from lightning_lens.attribution import resolve_method
-
-    return resolve_method(method, model)
+def _resolve_method(method: Optional[MethodSpec], model: nn.Module) -> Optional[Attribution]:
+    """The method object for ``model`` (:func:`~lightning_lens.attribution.resolve_method`), or None."""
+    return None if method is None else resolve_method(method, model)
 
 
-def _explain(method: Any, inputs: torch.Tensor, targets: Optional[torch.Tensor]) -> torch.Tensor:
-    if hasattr(method, "attribute"):
-        return method.attribute(inputs, target=targets)
-    return method(inputs, targets)
+def _explain(method: Attribution, inputs: torch.Tensor, targets: Target) -> torch.Tensor:
+    return method.attribute(inputs, target=targets)
 
 
 def compute_quality(
     model: nn.Module,
-    method: Any,
+    method: Optional[MethodSpec],
     inputs: torch.Tensor,
     attributions: Optional[torch.Tensor],
     targets: Target,
@@ -100,8 +93,9 @@ def compute_quality(
 
     Args:
         model: the classifier (``(B, classes)`` logits); evaluated in eval mode, every module's mode restored.
-        method: the attribution method object that produced ``attributions`` (a registry name or a callable
-            ``(inputs, target) -> maps`` also work). Needed for ``max_sensitivity`` and when ``attributions`` is None.
+        method: the method that produced ``attributions``, as :func:`lightning_lens.attribution.resolve_method` takes
+            it (a method object, a registry name, a method class, or an explain function
+            ``(model, inputs, target) -> maps``). Needed for ``max_sensitivity`` and when ``attributions`` is None.
         inputs: ``(B, C, H, W)`` images (or ``(B, ...)``), on the model's device or movable there.
         attributions: the method's maps of ``inputs`` (inputs' shape or ``(B, 1, H, W)``), or None to compute them.
         targets: the explained classes: int, ``(B,)`` indices, or None for the model's predictions.
@@ -159,7 +153,7 @@ def compute_quality(
         if not isinstance(masks, Mapping):
             raise TypeError(f"masks must be a dict {{region: (B, [1,] H, W) tensor}}, got {type(masks).__name__}")
 
-    check_tensor(inputs, "inputs")
+    check_differentiable_inputs(inputs, "inputs")
     device = model_device(model, inputs.device)
     x = inputs.detach().to(device)
     if isinstance(targets, torch.Tensor):

@@ -12,20 +12,22 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
+from lightning_lens.attribution.registry import MethodSpec, resolve_method
 from lightning_lens.evaluation._common import model_device, resolve_targets
 from lightning_lens.utils import gradients_enabled, preserve_modes
-from lightning_lens.utils.checks import check_choice, check_int, check_tensor
+from lightning_lens.utils.checks import check_choice, check_differentiable_inputs, check_int, check_tensor
 from lightning_lens.utils.targets import Target
 
 __all__ = ["SensitivityResult", "max_sensitivity"]
 
-#: An attribution method object (with ``.attribute(inputs, target=...)``) or a callable ``(inputs, target) -> maps``.
-Explainer = Union[Any, Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]]
+#: What :func:`max_sensitivity` explains with: any :data:`~lightning_lens.attribution.MethodSpec` (a method object, a
+#: registry name, a method class, or an explain function ``(model, inputs, target) -> maps``).
+Explainer = MethodSpec
 NORMS = ("fro", "inf")
 
 
@@ -61,15 +63,19 @@ class SensitivityResult:
         return int(self.scores.shape[0])
 
 
-def _explain_fn(explainer: Explainer) -> Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
-    if hasattr(explainer, "attribute") and callable(explainer.attribute):
-        return lambda x, t: explainer.attribute(x, target=t)
-    if callable(explainer):
-        return explainer
-    raise TypeError(
-        "explainer must be an attribution method (with .attribute(inputs, target=...)) or a callable"
-        f" (inputs, target) -> attributions, got {type(explainer).__name__}"
-    )
+def _explain_fn(explainer: Explainer, model: Optional[nn.Module]) -> tuple[
+    Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor], Optional[nn.Module]
+]:
+    """``(explain(inputs, target), model)``: the method resolved for ``model`` by the registry, and the model it
+    explains (``model``, else the method's own)."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    try:
+        method = resolve_method(explainer, model)
+    except TypeError as err:
+        raise TypeError(f"explainer: {err}") from err
+    model = model if model is not None else getattr(method, "model", None)
+    return (lambda x, t: method.attribute(x, target=t)), model
 
 
 def _flat_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
@@ -99,11 +105,12 @@ def max_sensitivity(
     module's train/eval mode is restored.
 
     Args:
-        explainer: an attribution method (``Gradient(model)``) or a callable ``(inputs, target) -> attributions``.
+        explainer: an attribution method (``Gradient(model)``), a registry name (with ``model``), or an explain
+            function ``(model, inputs, target) -> attributions`` (it receives ``model``, which may be None).
         inputs: ``(B, ...)`` inputs.
         target: int, ``(B,)`` class indices, or None (the model's prediction; needs ``explainer.model`` or ``model``).
         attributions: the explanations of ``inputs`` if already computed (saves one call).
-        model: the model, when ``explainer`` is a plain callable and ``target`` is None.
+        model: the model, when ``explainer`` is a name or an explain function (needed when ``target`` is None).
         radius: half-width of the uniform noise per element, in input units (Captum's default 0.02).
         n_samples: perturbations per example (Captum 10, Quantus 200); the cost is ``n_samples`` explanations.
         norm: ``"fro"`` (L2 over all elements) or ``"inf"``.
@@ -122,16 +129,13 @@ def max_sensitivity(
         >>> r.value  # a linear model's gradient does not change
         0.0
     """
-    explain = _explain_fn(explainer)
-    check_tensor(inputs, "inputs")
+    explain, model = _explain_fn(explainer, model)
+    check_differentiable_inputs(inputs, "inputs")
     check_int(n_samples, "n_samples", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     check_choice(norm, "norm", NORMS)
     if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius > 0:
         raise ValueError(f"radius must be a positive number (input units), got {radius!r}")
-    model = model if model is not None else getattr(explainer, "model", None)
-    if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
     x = inputs.detach() if model is None else inputs.detach().to(model_device(model, inputs.device))
     b = x.shape[0]

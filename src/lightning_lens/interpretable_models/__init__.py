@@ -8,11 +8,13 @@ _EXPORTS = {
     "moe_layers": "moe",
     "routing_statistics": "moe",
     "ConceptBottleneckModel": "concept_bottleneck",
-    "ConceptBottleneckModule": "concept_module",  # a LightningModule: imports Lightning when used
+    "ConceptBottleneckModule": ".lightning_modules",  # a LightningModule: imports Lightning when used
     "KNNHead": "knn",
     "KNNClassifier": "knn",
     "MomentumEncoder": "knn",
     "Neighbors": "knn",
+    "DeepKNN": "dknn",
+    "DeepKNNOutput": "dknn",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -39,11 +39,33 @@ __all__ = [
     "moe_aux_loss",
     "moe_layers",
     "normalized_mutual_info",
+    "pack_ablation_rows",
+    "router_rows",
+    "routing_losses",
+    "routing_row_keys",
+    "routing_rows",
+    "routing_scalars",
     "routing_statistics",
+    "routing_statistics_from_rows",
+    "routing_summary",
+    "suggested_balance_loss_weight",
+    "token_labels",
+    "unpack_ablation_rows",
 ]
 
-_DISPATCH = ("sorted", "dense")
+_DISPATCH = ("sorted", "dense", "grouped")
+# parameter-free elementwise activations: applied once to the stacked (E, C, h) hidden states of grouped dispatch,
+# they give what each expert's own module gives on its rows
+_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU, nn.Softplus,
+                nn.Mish, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.CELU, nn.SELU)
 _DROP_POLICIES = ("order", "gate")
+
+#: default ``balance_loss_weight``. The balance loss is normalised as in Switch Transformers (1 at uniform routing), but
+#: Switch's 0.01 leaves small models collapsed: on a task without regimes (E=8, k=2, no gating noise, inputs of mean
+#: 3) load CV 1.23 and top-1 shares up to 0.94 over 5 seeds; 0.03 still CV 0.65, shares up to 0.64; 0.1 is the
+#: smallest weight tried that kept every seed of both tasks (input mean 1 and 3) at CV <= 0.31 and shares <= 0.27.
+#: ``benchmarks/moe_regimes.py --balance``.
+DEFAULT_BALANCE_LOSS_WEIGHT = 0.1
 
 
 @dataclass(frozen=True)
@@ -58,12 +80,15 @@ class RoutingRecord:
         probs: ``(..., E)`` router probabilities over all experts (softmax of the routing logits, with the
             gating noise when it was applied).
         kept: ``(..., k)`` bool, False where the assignment was dropped because the expert was over capacity.
+        logits: ``(..., E)`` the clean router logits (no gating noise; masked experts at ``-inf``), from which the
+            balance and z losses are computed; None in records built without them.
     """
 
     experts: torch.Tensor
     gates: torch.Tensor
     probs: torch.Tensor
     kept: torch.Tensor
+    logits: Optional[torch.Tensor] = None
 
     @property
     def top1(self) -> torch.Tensor:
@@ -97,6 +122,27 @@ def _default_expert(in_features: int, hidden: int, out_features: int, activation
     return nn.Sequential(nn.Linear(in_features, hidden), activation(), nn.Linear(hidden, out_features))
 
 
+def _linear_steps(expert: nn.Module) -> Optional[list[nn.Module]]:
+    """``expert`` as a list of steps that grouped dispatch can stack, or None: an ``nn.Linear``, or an
+    ``nn.Sequential`` of ``nn.Linear`` and parameter-free elementwise activations (exact types, not subclasses)."""
+    steps = list(expert) if type(expert) is nn.Sequential else [expert]
+    for m in steps:
+        plain_activation = type(m) in _ELEMENTWISE and next(iter(m.parameters()), None) is None
+        if type(m) is not nn.Linear and not (plain_activation and next(iter(m.buffers()), None) is None):
+            return None
+    return steps
+
+
+def _step_signature(m: nn.Module) -> tuple:
+    if type(m) is nn.Linear:
+        return ("Linear", m.in_features, m.out_features, m.bias is not None, m.weight.dtype, m.weight.device)
+    return (type(m).__name__, m.extra_repr())
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -127,11 +173,20 @@ class MixtureOfExperts(nn.Module):
     **Gating.** A linear router (fp32, no bias) gives logits ``xW_g``. With ``noisy_gating`` (Shazeer et al. 2017)
     the routing logits in training are ``H(x) = xW_g + eps * softplus(xW_noise)``, ``eps ~ N(0, 1)`` drawn from the
     layer's private CPU generator (seeded by ``noise_seed``, saved in the state dict, moved to the input's device;
-    the global RNG is never drawn during forward). In eval, and with ``noisy_gating=False``, ``H(x) = xW_g`` (plain softmax top-k). The top-k of
-    ``H`` are chosen. With ``normalize_gates`` the gates are the router probabilities renormalized over the top-k
-    (``softmax`` of the k chosen logits, as in Shazeer et al.); without it they are the full-softmax probabilities of
-    the chosen experts (Switch). Default: renormalize when ``k > 1``; for ``k = 1`` keep the raw probability so the
-    router still gets a gradient from the task loss.
+    the global RNG is never drawn during forward). In eval, and with ``noisy_gating=False``, ``H(x) = xW_g`` (plain
+    softmax top-k). The top-k of ``H`` are chosen. With ``normalize_gates`` the gates are the router probabilities
+    renormalized over the top-k (``softmax`` of the k chosen logits, as in Shazeer et al.); without it they are the
+    full-softmax probabilities of the chosen experts (Switch). Default: renormalize when ``k > 1``; for ``k = 1``
+    keep the raw probability so the router still gets a gradient from the task loss.
+
+    **Top-k warm-up.** With ``warmup_k`` (e.g. ``k=1, warmup_k=2``) the first ``warmup_steps`` forward calls in
+    training mode (counted in ``training_calls``, saved in the state dict) route each token to ``warmup_k`` experts
+    with gates renormalized over them, then to ``k``; eval always uses ``k``. Top-1 routing only tells the router
+    how good the chosen expert is; renormalized top-2 gates compare two experts on every token, which lets the router
+    find regimes that top-1 training alone can miss: on the sign-pattern regimes of
+    :class:`~lightning_lens.datasets.SignRegimes` (``benchmarks/moe_regimes.py``, seeds 0-19) ``k=1`` recovered the
+    regimes in 9 of 20 seeds, with ``warmup_k=2`` for the first half of training in 18, and with the warm-up and
+    ``noisy_gating=False`` in all 20 (``k=2`` throughout: all 20). A warm-up of a third of training did less (16).
 
     **Auxiliary losses**, set after every forward (tensors attached to the graph):
 
@@ -148,7 +203,15 @@ class MixtureOfExperts(nn.Module):
     and results are combined with ``index_add`` (dropless unless a capacity is set; on the CPU the same sum runs as
     ``index_put_(accumulate=True)``, whose kernel is faster there). ``"dense"``: every expert runs on
     every token and the results are masked by the gates: the reference, with the same outputs and gradients, at
-    ``E/k`` times the cost. ``forward(x, dense=True)`` picks the dense path for one call.
+    ``E/k`` times the cost. ``"grouped"``: sorted dispatch with the experts' weights stacked, each expert's tokens
+    padded to the largest group, and one batched matmul (``torch.bmm``) per layer for all experts instead of a
+    Python loop over experts; for experts that are ``nn.Linear`` or ``nn.Sequential`` of ``nn.Linear`` and
+    elementwise activations, all of the same shapes (the default expert is). It pays off with many small experts,
+    where the loop's per-expert overhead dominates; with a few large experts on the CPU it runs about as fast as
+    sorted (``torch.bmm`` runs the same per-expert matrix products), and padding costs up to the dense path's work
+    when the load has collapsed (``benchmarks/moe.py``). Experts with forward hooks are run one by one (sorted) so
+    the hooks see their calls. ``forward(x, dense=True)`` or
+    ``forward(x, dispatch=...)`` picks a path for one call.
 
     **Capacity.** With ``capacity_factor`` (``eval_capacity_factor`` in eval, default the same) each expert takes at
     most ``ceil(capacity_factor * N * k / E)`` assignments per call; the rest are dropped: their contribution is zero
@@ -178,12 +241,17 @@ class MixtureOfExperts(nn.Module):
         capacity_factor: per-expert capacity factor in training, ``None`` for dropless.
         eval_capacity_factor: the same in eval mode (default: ``capacity_factor``).
         drop_policy: ``"order"`` or ``"gate"`` (see above).
-        balance_loss_weight: weight of ``balance_loss`` in ``aux_loss`` (Switch: 1e-2).
+        balance_loss_weight: weight of ``balance_loss`` in ``aux_loss``. Default 0.1
+            (:data:`DEFAULT_BALANCE_LOSS_WEIGHT`): Switch's 1e-2 on the same loss lets the routing of small models
+            collapse onto one or two experts; raise it if ``RoutingMonitor`` reports a collapse.
         z_loss_weight: weight of ``z_loss`` in ``aux_loss`` (ST-MoE: 1e-3).
-        dispatch: ``"sorted"`` or ``"dense"``.
+        dispatch: ``"sorted"``, ``"dense"`` or ``"grouped"``.
         record_routing: keep a :class:`RoutingRecord` of every forward in ``last_routing``.
         noise_seed: seed of the private noise generator; ``None`` draws one from the global RNG at construction
             (like the weight initialisation, so ``seed_everything`` makes it reproducible).
+        warmup_k: experts per token during the warm-up, in ``(k, num_experts]`` (None: no warm-up).
+        warmup_steps: training-mode forward calls the warm-up lasts (with gradient accumulation or a layer called
+            several times per step, count every call).
 
     Example:
         >>> moe = MixtureOfExperts(16, 8, num_experts=4, k=2)
@@ -211,11 +279,13 @@ class MixtureOfExperts(nn.Module):
         capacity_factor: Optional[float] = None,
         eval_capacity_factor: Optional[float] = None,
         drop_policy: str = "order",
-        balance_loss_weight: float = 1e-2,
+        balance_loss_weight: float = DEFAULT_BALANCE_LOSS_WEIGHT,
         z_loss_weight: float = 1e-3,
         dispatch: str = "sorted",
         record_routing: bool = False,
         noise_seed: Optional[int] = None,
+        warmup_k: Optional[int] = None,
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__()
         self.in_features = _positive_int(in_features, "in_features")
@@ -240,6 +310,16 @@ class MixtureOfExperts(nn.Module):
         self.z_loss_weight = _weight(z_loss_weight, "z_loss_weight")
         self.noisy_gating = bool(noisy_gating)
         self.normalize_gates = self.k > 1 if normalize_gates is None else bool(normalize_gates)
+        self.warmup_k = None if warmup_k is None else _positive_int(warmup_k, "warmup_k")
+        if self.warmup_k is not None and not self.k < self.warmup_k <= self.num_experts:
+            raise ValueError(f"warmup_k must lie in (k, num_experts] = ({self.k}, {self.num_experts}], got {warmup_k}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if (self.warmup_k is None) != (warmup_steps == 0):
+            raise ValueError("warmup_k and warmup_steps go together: set both (e.g. warmup_k=2, warmup_steps=500) "
+                             "or neither")
+        self.warmup_steps = warmup_steps
+        self.training_calls = 0  # forward calls in training mode so far (they end the warm-up)
         self.drop_policy = drop_policy
         self.dispatch = dispatch
         self.record_routing = bool(record_routing)
@@ -249,6 +329,8 @@ class MixtureOfExperts(nn.Module):
         self.noise = nn.Linear(self.in_features, self.num_experts, bias=False) if self.noisy_gating else None
         if self.noise is not None:
             nn.init.zeros_(self.noise.weight)  # softplus(0) ~ 0.69: exploratory noise at the start (Shazeer et al.)
+        if dispatch == "grouped":
+            self._grouped_steps()  # raises now, not at the first forward, for experts it cannot stack
         seed = int(torch.randint(0, 2**62, (1,)).item()) if noise_seed is None else noise_seed
         self._noise_generator = torch.Generator().manual_seed(seed)
         self._masked: frozenset[int] = frozenset()
@@ -337,23 +419,48 @@ class MixtureOfExperts(nn.Module):
         return self._noise_generator
 
     # --------------------------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, dense: Optional[bool] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dense: Optional[bool] = None, dispatch: Optional[str] = None) -> torch.Tensor:
         """Route ``x`` (``(B, D)`` or ``(B, T, D)``) to its top-k experts and combine their outputs.
 
         Args:
             x: inputs whose last dimension is ``in_features``.
             dense: ``True`` for the dense reference path, ``False`` for sorted dispatch; default ``self.dispatch``.
+            dispatch: ``"sorted"``, ``"dense"`` or ``"grouped"`` for this call (instead of ``dense``).
         """
         self._check_input(x)
+        if dispatch is not None:
+            check_choice(dispatch, "dispatch", _DISPATCH)
+            if dense is not None:
+                raise ValueError("pass either dense= or dispatch=, not both")
+        mode = dispatch or ({True: "dense", False: "sorted"}[bool(dense)] if dense is not None else self.dispatch)
         lead = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features)
         if tokens.shape[0] == 0:
             return self._empty_forward(tokens, lead)
         routing = self._route(tokens)
-        use_dense = self.dispatch == "dense" if dense is None else bool(dense)
-        out = self._dense(tokens, routing) if use_dense else self._sorted(tokens, routing)
+        self.training_calls += int(self.training)
+        steps = self._grouped_steps() if mode == "grouped" else None
+        if mode == "dense":
+            out = self._dense(tokens, routing)
+        elif steps is not None:
+            out = self._grouped(tokens, routing, steps)
+        else:
+            out = self._sorted(tokens, routing)
         self._set_outputs(routing, lead)
         return out.reshape(*lead, self.out_features)
+
+    def _grouped_steps(self) -> Optional[list[list[nn.Module]]]:
+        """Per expert, the steps grouped dispatch stacks; None when an expert has forward hooks (they must see their
+        own expert's call, so sorted dispatch runs instead). Raises when the experts cannot be stacked."""
+        steps = [_linear_steps(expert) for expert in self.experts]
+        why = None
+        if any(s is None for s in steps):
+            why = "every expert must be an nn.Linear or an nn.Sequential of nn.Linear and elementwise activations"
+        elif any([_step_signature(m) for m in s] != [_step_signature(m) for m in steps[0]] for s in steps[1:]):
+            why = "every expert must have the same layer shapes and activations"
+        if why is not None:
+            raise ValueError(f"dispatch='grouped' stacks the experts' weights: {why}; use dispatch='sorted'")
+        return None if any(_has_hooks(expert) for expert in self.experts) else steps
 
     def _check_input(self, x: Any) -> None:
         if not isinstance(x, torch.Tensor):
@@ -384,8 +491,13 @@ class MixtureOfExperts(nn.Module):
             eps = torch.randn(std.shape, generator=self._noise_generator).to(std.device)
             scores = logits + eps * std
         probs = scores.softmax(dim=-1)
-        top_scores, experts = scores.topk(self.k, dim=-1)
-        gates = top_scores.softmax(dim=-1) if self.normalize_gates else probs.gather(-1, experts)
+        k = self.k
+        if self.training and self.warmup_k is not None and self.training_calls < self.warmup_steps:
+            k = min(self.warmup_k, self.num_experts - len(self._masked))
+        top_scores, experts = scores.topk(k, dim=-1)
+        # warm-up gates are renormalized over its top-k: the router's gradient compares the chosen experts
+        normalize = self.normalize_gates if k == self.k else True
+        gates = top_scores.softmax(dim=-1) if normalize else probs.gather(-1, experts)
         return _Routing(experts, gates, probs, logits, self._capacity_mask(experts, gates), not noisy)
 
     def _capacity_mask(self, experts: torch.Tensor, gates: torch.Tensor) -> Optional[torch.Tensor]:
@@ -413,7 +525,7 @@ class MixtureOfExperts(nn.Module):
         n = tokens.shape[0]
         expert_of = routing.experts.reshape(-1)
         gate_of = routing.gates.reshape(-1)
-        token_of = torch.arange(n, device=tokens.device).repeat_interleave(self.k)
+        token_of = torch.arange(n, device=tokens.device).repeat_interleave(routing.experts.shape[1])
         if routing.kept is not None:
             keep = routing.kept.reshape(-1)
             expert_of, gate_of, token_of = expert_of[keep], gate_of[keep], token_of[keep]
@@ -435,6 +547,47 @@ class MixtureOfExperts(nn.Module):
             out = y.new_zeros(n, self.out_features) if out is None else out
             _index_add_rows(out, rows[e], y)
         return tokens.new_zeros(n, self.out_features) if out is None else out  # None: every assignment dropped
+
+    def _grouped(self, tokens: torch.Tensor, routing: _Routing, steps: list[list[nn.Module]]) -> torch.Tensor:
+        # Sorted dispatch with one batched matmul per layer for all experts: each expert's assignments are padded to
+        # the largest group, (E, C, in); the stacked weights run through bmm, so the Python loop over experts, its E
+        # small matmuls and E index_add calls (and their backward) collapse into one call each. Padding rows are
+        # zeros whose outputs are never read, so they add nothing to any gradient. Cost: E * C rows instead of N * k
+        # (equal when the load is balanced, up to the dense cost when it has collapsed).
+        n, e_count = tokens.shape[0], self.num_experts
+        expert_of = routing.experts.reshape(-1)
+        gate_of = routing.gates.reshape(-1)
+        token_of = torch.arange(n, device=tokens.device).repeat_interleave(routing.experts.shape[1])
+        if routing.kept is not None:
+            keep = routing.kept.reshape(-1)
+            expert_of, gate_of, token_of = expert_of[keep], gate_of[keep], token_of[keep]
+        if expert_of.numel() == 0:
+            return tokens.new_zeros(n, self.out_features)  # every assignment dropped
+        expert_sorted, order = expert_of.sort(stable=True)
+        token_sorted, gate_sorted = token_of[order], gate_of[order]
+        counts = torch.bincount(expert_of, minlength=e_count)
+        width = int(counts.max())  # one host sync per call, as in sorted dispatch
+        starts = counts.cumsum(0) - counts
+        slot = expert_sorted * width + torch.arange(expert_sorted.numel(), device=tokens.device) - starts[expert_sorted]
+        h = tokens.new_zeros(e_count * width, self.in_features).index_copy_(0, slot, tokens[token_sorted])
+        h = h.view(e_count, width, self.in_features)
+        for j, step in enumerate(steps[0]):
+            if type(step) is nn.Linear:
+                weight = torch.stack([s[j].weight for s in steps]).transpose(1, 2)  # (E, in, out)
+                if step.bias is None:
+                    h = torch.bmm(h, weight)
+                else:
+                    h = torch.baddbmm(torch.stack([s[j].bias for s in steps]).unsqueeze(1), h, weight)
+            else:
+                h = step(h)  # the same elementwise activation in every expert
+        if h.shape[-1] != self.out_features:
+            raise ValueError(f"the experts map (n, {self.in_features}) to (n, {h.shape[-1]}), not to (n, "
+                             f"out_features={self.out_features}); check the expert factory or out_features")
+        y = h.reshape(e_count * width, self.out_features)[slot]
+        y = y * gate_sorted.unsqueeze(1).to(y.dtype)
+        out = y.new_zeros(n, self.out_features)
+        _index_add_rows(out, token_sorted, y)
+        return out
 
     def _dense(self, tokens: torch.Tensor, routing: _Routing) -> torch.Tensor:
         gates = routing.gates if routing.kept is None else routing.gates * routing.kept
@@ -478,6 +631,7 @@ class MixtureOfExperts(nn.Module):
                 gates=routing.gates.detach().reshape(*lead, k),
                 probs=routing.probs.detach().reshape(*lead, self.num_experts),
                 kept=kept.reshape(*lead, k),
+                logits=routing.logits.detach().reshape(*lead, self.num_experts),
             )
         else:
             self.last_routing = None
@@ -491,19 +645,22 @@ class MixtureOfExperts(nn.Module):
         empty = tokens.new_zeros(0, self.k)
         self.last_routing = (
             RoutingRecord(empty.long().reshape(*lead, self.k), empty.reshape(*lead, self.k),
-                          tokens.new_zeros(*lead, self.num_experts), empty.bool().reshape(*lead, self.k))
+                          tokens.new_zeros(*lead, self.num_experts), empty.bool().reshape(*lead, self.k),
+                          tokens.new_zeros(*lead, self.num_experts).float())
             if self.record_routing else None
         )
         return tokens.new_zeros(*lead, self.out_features)
 
     # ------------------------------------------------------------------------------------------- state and copies
     def get_extra_state(self) -> dict[str, Any]:
-        return {"noise_generator": self._noise_generator.get_state(), "masked_experts": sorted(self._masked)}
+        return {"noise_generator": self._noise_generator.get_state(), "masked_experts": sorted(self._masked),
+                "training_calls": self.training_calls}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("noise_generator") is not None:
             self._noise_generator.set_state(state["noise_generator"])
         self.masked_experts = state.get("masked_experts", ())
+        self.training_calls = int(state.get("training_calls", 0))
 
     def __getstate__(self) -> dict[str, Any]:
         # The per-forward outputs hold graph tensors, which deepcopy and pickle refuse; copies start without them.
@@ -514,8 +671,22 @@ class MixtureOfExperts(nn.Module):
 
     def extra_repr(self) -> str:
         cap = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
+        warmup = "" if self.warmup_k is None else f", warmup_k={self.warmup_k}, warmup_steps={self.warmup_steps}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-                f"k={self.k}, noisy_gating={self.noisy_gating}, {cap}, dispatch={self.dispatch!r}")
+                f"k={self.k}{warmup}, noisy_gating={self.noisy_gating}, {cap}, dispatch={self.dispatch!r}")
+
+
+def suggested_balance_loss_weight(current: float) -> float:
+    """A ``balance_loss_weight`` to try when the routing collapsed at ``current``: the default
+    (:data:`DEFAULT_BALANCE_LOSS_WEIGHT`) when ``current`` is below it, else three times ``current``.
+
+    Example:
+        >>> suggested_balance_loss_weight(0.01), suggested_balance_loss_weight(0.1)
+        (0.1, 0.3)
+    """
+    if current < DEFAULT_BALANCE_LOSS_WEIGHT:
+        return DEFAULT_BALANCE_LOSS_WEIGHT
+    return float(f"{3 * current:.3g}")
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MixtureOfExperts]]:
@@ -791,6 +962,9 @@ def ablation_accuracy(
     predictions, targets = predictions[:, valid], targets[valid]
     if num_classes is None:
         num_classes = int(targets.max()) + 1 if targets.numel() else 1
+    if targets.numel() and int(targets.max()) >= num_classes:
+        raise ValueError(f"targets must lie in [0, {num_classes - 1}] (num_classes={num_classes}), got "
+                         f"{int(targets.max())}")
     support = torch.bincount(targets, minlength=num_classes).double()
     correct = torch.zeros(predictions.shape[0], num_classes, dtype=torch.float64)
     correct.index_add_(1, targets, (predictions == targets).double())
@@ -798,3 +972,240 @@ def ablation_accuracy(
     overall = correct.sum(1) / max(targets.numel(), 1)
     return ExpertAblation(base=acc[0], masked=acc[1:], drop=acc[0] - acc[1:], overall_drop=overall[0] - overall[1:],
                           support=support.long())
+
+
+# ------------------------------------------------------------------------------------- routing rows, for monitoring
+# What RoutingMonitor logs, computed from the rows it collects during validation (no Lightning): one row per token and
+# forward call, so that rows of several processes can be concatenated, de-duplicated by sample and measured.
+
+#: columns of a routing row: sample id, call of the layer within the step, token position within the sample, label
+#: (-1: none), then the ``k`` chosen experts and the ``k`` kept flags
+ROW_ID, ROW_CALL, ROW_POSITION, ROW_LABEL, ROW_FIXED = 0, 1, 2, 3, 4
+
+
+def token_labels(labels: torch.Tensor, lead: Sequence[int]) -> torch.Tensor:
+    """One integer label per token, ``(N,)``, for a layer whose tokens have the leading shape ``lead``.
+
+    Labels of shape ``lead`` (e.g. ``(B, T)``) are used per token; ``(B,)`` labels are shared by the tokens of each
+    sample (a sequence label for ``(B, T, D)`` inputs).
+
+    Raises:
+        TypeError: the labels are not integer class indices (e.g. a regression target).
+        ValueError: their shape matches neither.
+
+    Example:
+        >>> token_labels(torch.tensor([3, 5]), (2, 3)).tolist()
+        [3, 3, 3, 5, 5, 5]
+    """
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype} (a regression target?)")
+    lead = tuple(int(d) for d in lead)
+    n = math.prod(lead)
+    if tuple(labels.shape) == lead:
+        return labels.reshape(-1).long()
+    if labels.dim() == 1 and len(lead) >= 1 and labels.shape[0] == lead[0]:
+        return labels.long().repeat_interleave(n // max(lead[0], 1))
+    raise ValueError(f"labels of shape {tuple(labels.shape)} match neither the tokens {lead} nor their samples")
+
+
+def routing_rows(
+    record: RoutingRecord,
+    sample_ids: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    call: int = 0,
+) -> torch.Tensor:
+    """The routing of one forward call as rows ``(N, 4 + 2k)`` long, on the CPU (columns ``ROW_*``).
+
+    Args:
+        record: the layer's :class:`RoutingRecord`.
+        sample_ids: ``(B,)`` one id per sample of the batch (-1 when None); a sample's tokens share it.
+        labels: ``(N,)`` per-token labels (see :func:`token_labels`; -1 when None).
+        call: the call of the layer within the step (a layer applied twice gives calls 0 and 1).
+
+    Example:
+        >>> rec = RoutingRecord(experts=torch.tensor([[1], [0]]), gates=torch.ones(2, 1), probs=torch.ones(2, 2) / 2,
+        ...                     kept=torch.ones(2, 1).bool())
+        >>> routing_rows(rec, sample_ids=torch.tensor([7, 9]), labels=torch.tensor([4, 2])).tolist()
+        [[7, 0, 0, 4, 1, 1], [9, 0, 0, 2, 0, 1]]
+    """
+    lead = record.experts.shape[:-1]
+    n, k = record.num_tokens, record.experts.shape[-1]
+    batch = lead[0] if len(lead) else 1
+    per_sample = n // max(batch, 1)
+    ids = torch.full((n,), -1, dtype=torch.long)
+    if sample_ids is not None:
+        sample_ids = torch.as_tensor(sample_ids).reshape(-1).cpu().long()
+        if sample_ids.numel() != batch:
+            raise ValueError(f"sample_ids holds {sample_ids.numel()} ids for a batch of {batch} samples")
+        ids = sample_ids.repeat_interleave(per_sample)
+    label_col = torch.full((n,), -1, dtype=torch.long)
+    if labels is not None:
+        label_col = torch.as_tensor(labels).reshape(-1).cpu().long()
+        if label_col.numel() != n:
+            raise ValueError(f"labels holds {label_col.numel()} labels for {n} tokens; see token_labels")
+    position = torch.arange(per_sample).repeat(batch)
+    return torch.cat([ids[:, None], torch.full((n, 1), int(call)), position[:, None], label_col[:, None],
+                      record.experts.reshape(n, k).cpu().long(), record.kept.reshape(n, k).cpu().long()], dim=1)
+
+
+def routing_row_keys(rows: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` one key per (sample id, call, token position): equal keys are the same token of a repeated sample.
+
+    Rows without a sample id (-1) get distinct negative keys (they are never merged).
+
+    Example:
+        >>> rows = torch.tensor([[7, 0, 0, 1, 2, 1], [7, 0, 1, 1, 0, 1], [7, 0, 0, 1, 2, 1], [-1, 0, 0, 1, 1, 1]])
+        >>> routing_row_keys(rows).tolist()
+        [14, 15, 14, -1]
+    """
+    if rows.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
+    calls = int(rows[:, ROW_CALL].max()) + 1
+    positions = int(rows[:, ROW_POSITION].max()) + 1
+    keys = (rows[:, ROW_ID] * calls + rows[:, ROW_CALL]) * positions + rows[:, ROW_POSITION]
+    anonymous = rows[:, ROW_ID] < 0
+    keys[anonymous] = -1 - torch.arange(int(anonymous.sum()), device=rows.device)
+    return keys
+
+
+def routing_statistics_from_rows(
+    rows: torch.Tensor, num_experts: int, num_classes: Optional[int] = None
+) -> RoutingStatistics:
+    """:func:`routing_statistics` of routing rows (see :func:`routing_rows`); class metrics when a row has a label.
+
+    Example:
+        >>> rows = torch.tensor([[0, 0, 0, 3, 0, 1], [1, 0, 0, 3, 0, 1], [2, 0, 0, 1, 1, 1], [3, 0, 0, 1, 1, 0]])
+        >>> s = routing_statistics_from_rows(rows, 2)
+        >>> s.nmi, s.drop_rate
+        (1.0, 0.25)
+    """
+    k = (rows.shape[1] - ROW_FIXED) // 2
+    labels = rows[:, ROW_LABEL]
+    has_labels = bool((labels >= 0).any())
+    return routing_statistics(rows[:, ROW_FIXED:ROW_FIXED + k], num_experts, kept=rows[:, ROW_FIXED + k:].bool(),
+                              labels=labels if has_labels else None, num_classes=num_classes)
+
+
+def router_rows(record: RoutingRecord) -> torch.Tensor:
+    """Per token, what the balance and z losses are made of: ``(N, 1 + E)`` float32 on the CPU, the squared
+    log-sum-exp of the clean router logits, then the router probabilities ``softmax(logits)`` (see
+    :func:`routing_losses`). Needs ``record.logits``.
+
+    Example:
+        >>> rec = RoutingRecord(torch.tensor([[0]]), torch.ones(1, 1), torch.ones(1, 2) / 2, torch.ones(1, 1).bool(),
+        ...                     logits=torch.zeros(1, 2))
+        >>> [round(v, 4) for v in router_rows(rec)[0].tolist()]
+        [0.4805, 0.5, 0.5]
+    """
+    if record.logits is None:
+        raise ValueError("the routing record has no router logits; record it with a MixtureOfExperts layer")
+    logits = record.logits.detach().float().reshape(-1, record.logits.shape[-1])
+    z = torch.logsumexp(logits, dim=-1).pow(2)
+    return torch.cat([z[:, None], logits.softmax(dim=-1)], dim=1).cpu()
+
+
+def routing_losses(rows: torch.Tensor, router: torch.Tensor, num_experts: int) -> dict[str, float]:
+    """The Switch load-balancing loss and the ST-MoE router z-loss of all the tokens of ``rows`` (see
+    :func:`routing_rows`) taken as one batch, from their :func:`router_rows` ``router``: the layer's own
+    ``balance_loss`` and ``z_loss`` formulas, so the numbers do not depend on how the tokens were batched or sharded.
+
+    ``balance_loss = E * sum_e f_e * P_e`` (``f_e``: share of the top-k assignments, ``P_e``: mean router probability),
+    ``z_loss = mean(logsumexp(logits) ** 2)``.
+
+    Example:
+        >>> layer = MixtureOfExperts(4, 4, num_experts=3, k=1).eval()
+        >>> with torch.no_grad(), layer.recording():
+        ...     _ = layer(torch.randn(16, 4))
+        >>> losses = routing_losses(routing_rows(layer.last_routing), router_rows(layer.last_routing), 3)
+        >>> abs(losses["balance_loss"] - float(layer.balance_loss)) < 1e-6
+        True
+        >>> abs(losses["z_loss"] - float(layer.z_loss)) < 1e-5
+        True
+    """
+    if rows.shape[0] != router.shape[0] or router.shape[1] != 1 + num_experts:
+        raise ValueError(f"router rows of shape {tuple(router.shape)} do not match {rows.shape[0]} routing rows of "
+                         f"{num_experts} experts")
+    if rows.shape[0] == 0:
+        return {}
+    k = (rows.shape[1] - ROW_FIXED) // 2
+    router = router.double()
+    share = torch.bincount(rows[:, ROW_FIXED:ROW_FIXED + k].reshape(-1), minlength=num_experts).double()
+    share = share / share.sum()
+    balance = num_experts * float((share * router[:, 1:].mean(0)).sum())
+    return {"balance_loss": balance, "z_loss": float(router[:, 0].mean())}
+
+
+def routing_scalars(stats: RoutingStatistics, losses: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """The scalars a monitor logs for one layer: :meth:`RoutingStatistics.scalars` (NaN left out), the ``losses`` of
+    :func:`routing_losses`, ``load/expert_<e>`` and ``purity/expert_<e>`` (used experts).
+
+    Example:
+        >>> s = routing_statistics(torch.tensor([[0], [0]]), 2, labels=torch.tensor([1, 1]))
+        >>> sorted(routing_scalars(s, {"z_loss": 0.5}))[:4]
+        ['dead_experts', 'drop_rate', 'load/expert_0', 'load/expert_1']
+    """
+    scalars = {key: value for key, value in stats.scalars().items() if not math.isnan(value)}
+    scalars.update(losses or {})
+    for e in range(stats.load.shape[0]):
+        scalars[f"load/expert_{e}"] = float(stats.load[e])
+        if stats.purity is not None and not torch.isnan(stats.purity[e]):
+            scalars[f"purity/expert_{e}"] = float(stats.purity[e])
+    return scalars
+
+
+def pack_ablation_rows(sample_ids: torch.Tensor, targets: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+    """One long row per sample, ``[id, targets (W), predictions of each run (R * W)]``, from ``(n,)`` ids, ``(n, ...)``
+    targets and :func:`ablation_predictions`' ``(R, n, ...)`` output (``W`` labels per sample), so that the rows of
+    several processes can be concatenated; :func:`unpack_ablation_rows` undoes it.
+
+    Example:
+        >>> pack_ablation_rows(torch.tensor([5]), torch.tensor([2]), torch.tensor([[2], [0]])).tolist()
+        [[5, 2, 2, 0]]
+    """
+    n = targets.shape[0]
+    flat_targets = torch.as_tensor(targets).reshape(n, -1).cpu().long()
+    width = flat_targets.shape[1]
+    preds = torch.as_tensor(predictions).cpu().long()
+    if preds.dim() < 2 or preds.shape[1] != n or preds[0].numel() != n * width:
+        raise ValueError(f"predictions of shape {tuple(preds.shape)} do not match labels of shape "
+                         f"{tuple(targets.shape)}; the model must return logits with the labels' shape + (classes,)")
+    runs = preds.shape[0]
+    preds = preds.reshape(runs, n, width).permute(1, 0, 2).reshape(n, runs * width)
+    return torch.cat([torch.as_tensor(sample_ids).reshape(n, 1).cpu().long(), flat_targets, preds], dim=1)
+
+
+def unpack_ablation_rows(rows: torch.Tensor, runs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids (n,), targets (n, W), predictions (runs, n, W))`` from :func:`pack_ablation_rows` rows.
+
+    Example:
+        >>> ids, y, p = unpack_ablation_rows(torch.tensor([[5, 2, 2, 0]]), runs=2)
+        >>> p.tolist()
+        [[[2]], [[0]]]
+    """
+    width = (rows.shape[1] - 1) // (runs + 1)
+    if rows.shape[1] != 1 + width * (runs + 1):
+        raise ValueError(f"ablation rows of width {rows.shape[1]} do not hold {runs} runs")
+    n = rows.shape[0]
+    preds = rows[:, 1 + width:].reshape(n, runs, width).permute(1, 0, 2)
+    return rows[:, 0], rows[:, 1:1 + width], preds
+
+
+def routing_summary(stats: RoutingStatistics, ablation: Optional[ExpertAblation] = None,
+                    experts: Optional[Sequence[int]] = None) -> str:
+    """One line of a layer's headline numbers (``experts``: the expert of each ablation row, default ``0..E-1``).
+
+    Example:
+        >>> routing_summary(routing_statistics(torch.tensor([[0], [1]]), 2, labels=torch.tensor([0, 1])))
+        'load_cv 0.00, usage_entropy 1.00, max_top1_share 0.50, drop_rate 0.00, nmi 1.00'
+    """
+    parts = [f"{key} {getattr(stats, key):.2f}" for key in ("load_cv", "usage_entropy", "max_top1_share", "drop_rate")]
+    if stats.dead_experts:
+        parts.append(f"dead_experts {stats.dead_experts}")
+    if stats.nmi is not None:
+        parts.append(f"nmi {stats.nmi:.2f}")
+    if ablation is not None and ablation.overall_drop.numel():
+        j = int(torch.nan_to_num(ablation.overall_drop, nan=float("-inf")).argmax())
+        expert = experts[j] if experts is not None else j
+        parts.append(f"largest accuracy drop {float(ablation.overall_drop[j]):.3f} (expert {expert} masked)")
+    return ", ".join(parts)

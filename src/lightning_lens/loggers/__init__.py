@@ -2,7 +2,8 @@
 
 TensorBoard gets images, text (markdown tables) and scalars; W&B gets ``log_image``/``log_table``/``log_text``
 aligned with ``trainer/global_step``; CSVLogger and any other logger with a ``log_dir`` get PNG, CSV, markdown and JSON
-files under ``<log_dir>/lens/<tag>/``. Only rank zero logs.
+files under ``<log_dir>/lens/<tag>/``. Only rank zero logs. Tags are confined under the log directory
+(:func:`sanitize_tag`), HTML in markdown is escaped, and a logger that fails does not stop the others.
 """
 
 from lightning_lens.loggers.sinks import (
@@ -13,6 +14,7 @@ from lightning_lens.loggers.sinks import (
     log_table,
     log_text,
     logging_step,
+    sanitize_tag,
     table_to_markdown,
 )
 
@@ -24,5 +26,6 @@ __all__ = [
     "log_table",
     "log_text",
     "logging_step",
+    "sanitize_tag",
     "table_to_markdown",
 ]

@@ -4,26 +4,106 @@ Lightning has no common API for images or tables, so each function here knows th
 ``TensorBoardLogger`` (a ``SummaryWriter``), ``WandbLogger`` and, for ``CSVLogger`` or any logger with a ``log_dir``,
 plain files. Loggers of other kinds are warned about once and skipped. Every function is a no-op off rank zero; call
 them from every rank, but never place collectives inside them.
+
+Names and text are made safe here, once for every caller: tags become path components confined under the logger's
+directory (:func:`sanitize_tag`), W&B gets names its artifact store accepts, and ``<``/``>`` in markdown are escaped so
+HTML in a slice name or an error message shows as text. A logger that fails is warned about and skipped; the others
+still receive the entry.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
+from lightning_lens.utils.checks import check_instance
+
 ImageLike = Union[np.ndarray, torch.Tensor]
 
-_warned: set[str] = set()
+__all__ = [
+    "log_figure",
+    "log_image",
+    "log_json",
+    "log_scalars",
+    "log_table",
+    "log_text",
+    "logging_step",
+    "sanitize_tag",
+    "table_to_markdown",
+]
+
+_warned: set[Any] = set()
+
+# characters kept in a path component; anything else (spaces, ':', '&', '<', NUL, ...) becomes '_'
+_UNSAFE_PATH_CHARS = re.compile(r"[^\w.=\-]+")
+# W&B artifact and media names: ASCII letters, digits, '_', '-', '.'
+_UNSAFE_WANDB_CHARS = re.compile(r"[^A-Za-z0-9_.\-]+")
+_MAX_COMPONENT_BYTES = 120  # file systems allow 255 bytes per name; leave room for the step suffix
+_MAX_WANDB_KEY = 100  # W&B artifact names ("run-<id>-<key>") are limited to 128 characters
+
+
+def _warn_once(key: Any, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _shorten(text: str, limit: int) -> str:
+    """``text`` if short enough, else its head plus a hash of the whole (distinct long names stay distinct)."""
+    if len(text.encode("utf-8")) <= limit:
+        return text
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    head = text
+    while len(head.encode("utf-8")) > limit - 9:
+        head = head[:-1]
+    return f"{head}-{digest}"
+
+
+def sanitize_tag(tag: str) -> str:
+    """``tag`` as ``/``-joined path components that cannot leave the folder they are joined to.
+
+    ``/`` and ``\\`` separate components; empty, ``.`` and ``..`` components are dropped, dots at either end of a
+    component are stripped, and characters other than letters, digits, ``_``, ``-``, ``.`` and ``=`` become ``_``.
+    Over-long components are shortened with a hash. Idempotent; returns ``""`` when nothing usable is left. Callbacks
+    use it for their ``log_prefix``; every ``log_*`` function applies it to its tag.
+
+    Example:
+        >>> sanitize_tag("a/../../../x")
+        'a/x'
+        >>> sanitize_tag("/etc\\passwd")
+        'etc/passwd'
+        >>> sanitize_tag("slices/digit=3 & size<2")
+        'slices/digit=3_size_2'
+    """
+    check_instance(tag, "tag", str)
+    parts = []
+    for part in re.split(r"[/\\]+", tag):
+        part = _UNSAFE_PATH_CHARS.sub("_", part).strip(".")
+        if part:
+            parts.append(_shorten(part, _MAX_COMPONENT_BYTES))
+    return "/".join(parts)
+
+
+def _wandb_key(tag: str) -> str:
+    """A sanitised tag restricted to the characters W&B accepts in artifact names (a table is stored as one)."""
+    parts = [_UNSAFE_WANDB_CHARS.sub("_", p).strip(".") or "_" for p in tag.split("/")]
+    return _shorten("/".join(parts), _MAX_WANDB_KEY)
+
+
+def _escape_html(text: str) -> str:
+    """Make HTML inert in markdown: ``<`` and ``>`` as entities (``&`` is kept so ``a & b`` stays readable)."""
+    return text.replace("<", "&lt;").replace(">", "&gt;")
 
 
 # --------------------------------------------------------------------------------------------------------------- utils
@@ -72,28 +152,62 @@ def _sinks(trainer: Any) -> Iterator[tuple[str, Any]]:
         kind = _kind(logger)
         if kind == "unsupported":
             key = type(logger).__name__
-            if key not in _warned:
-                _warned.add(key)
-                warnings.warn(
-                    f"lightning-lens cannot log images, tables or text to {key} (no log_dir); supported: "
-                    "TensorBoardLogger, WandbLogger, CSVLogger or any logger with a log_dir",
-                    stacklevel=3,
-                )
+            _warn_once(
+                key,
+                f"lightning-lens cannot log images, tables or text to {key} (no log_dir); supported: "
+                "TensorBoardLogger, WandbLogger, CSVLogger or any logger with a log_dir",
+            )
             continue
         yield kind, logger
 
 
-def _safe_tag(tag: str) -> str:
-    if not isinstance(tag, str) or not tag:
-        raise ValueError(f"tag must be a non-empty string, got {tag!r}")
-    return tag
+def _dispatch(sinks: Sequence[tuple[str, Any]], tag: str, write: Callable[[str, Any], Any]) -> list[Any]:
+    """``write(kind, logger)`` for every sink; a logger that raises is warned about once per (kind, error type) and
+    skipped, so the other loggers still receive the entry. Returns the results of the loggers that succeeded."""
+    results = []
+    for kind, logger in sinks:
+        try:
+            results.append(write(kind, logger))
+        except Exception as err:  # one broken logger must not cost the others the entry
+            name = type(logger).__name__
+            _warn_once(
+                ("failed", kind, type(err).__name__),
+                f"lightning-lens: {name} failed to log {tag!r} ({type(err).__name__}: {err}); the other loggers "
+                f"received it. Further {type(err).__name__} errors from {kind} loggers are not reported.",
+            )
+    return results
 
 
-def _file_path(logger: Any, tag: str, step: int, suffix: str) -> str:
-    parts = [re.sub(r"[^\w.=\-]+", "_", p) for p in tag.split("/") if p]
-    folder = os.path.join(_log_dir(logger) or ".", "lens", *parts)
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f"step_{step:07d}{suffix}")
+def _safe_tag(tag: Any) -> str:
+    """The sanitised tag; refuses a non-string and a tag with nothing usable left."""
+    check_instance(tag, "tag", str)
+    if not tag:
+        raise ValueError("tag must be a non-empty string, got ''")
+    safe = sanitize_tag(tag)
+    if not safe:
+        raise ValueError(
+            f"tag {tag!r} has no usable path component; use letters, digits, '_', '-', '.' or '=' between '/'"
+        )
+    return safe
+
+
+def _confined_path(root: str, tag: str, step: int, suffix: str) -> Optional[str]:
+    """``<root>/lens/<tag>/step_<step><suffix>`` with its folder created, or None (warned once) if the resolved
+    path leaves ``root`` (a symlink inside the log directory pointing elsewhere)."""
+    base = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(base, "lens", *tag.split("/"), f"step_{step:07d}{suffix}"))
+    if os.path.commonpath([base, path]) != base:
+        _warn_once(
+            ("outside", base, tag),
+            f"lightning-lens refused to write {tag!r}: its path {path} resolves outside the log directory {base}",
+        )
+        return None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def _file_path(logger: Any, tag: str, step: int, suffix: str) -> Optional[str]:
+    return _confined_path(_log_dir(logger) or ".", tag, step, suffix)
 
 
 def _as_hwc_uint8(image: ImageLike) -> np.ndarray:
@@ -133,19 +247,21 @@ def _format_cell(value: Any) -> str:
         if math.isnan(v):
             return "nan"
         return f"{v:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return _escape_html(str(value)).replace("|", "\\|").replace("\n", " ")
 
 
 def table_to_markdown(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table (TensorBoard's text plugin renders it).
+    """A GitHub-flavoured markdown table (TensorBoard's text plugin renders it); HTML in cells is escaped.
 
     Example:
-        >>> print(table_to_markdown(["slice", "acc"], [["digit=3", 0.51234]]))
+        >>> print(table_to_markdown(["slice", "acc"], [["digit=3", 0.51234], ["<b>x</b>", 1]]))
         | slice | acc |
         | --- | --- |
         | digit=3 | 0.5123 |
+        | &lt;b&gt;x&lt;/b&gt; | 1 |
     """
-    lines = ["| " + " | ".join(map(str, columns)) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines = ["| " + " | ".join(_format_cell(str(c)) for c in columns) + " |",
+             "| " + " | ".join("---" for _ in columns) + " |"]
     lines += ["| " + " | ".join(_format_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -166,7 +282,8 @@ def log_image(
 
     Args:
         trainer: the Lightning trainer whose loggers receive the image.
-        tag: name such as ``"saliency/gradient"``; TensorBoard tag, W&B key, or folder under ``<log_dir>/lens``.
+        tag: name such as ``"saliency/gradient"``; TensorBoard tag, W&B key, or folder under ``<log_dir>/lens``
+            (sanitised with :func:`sanitize_tag`).
         image: uint8 ``(H, W[, C])`` array, or a float ``(C, H, W)`` tensor / ``(H, W, C)`` array in ``[0, 1]``.
         step: defaults to the step Lightning logs its own metrics at (``global_step``, or one less during the
             validation that ends a training epoch).
@@ -181,20 +298,25 @@ def log_image(
         return
     arr = _as_hwc_uint8(image)
     step = _step(trainer, step)
-    for kind, logger in sinks:
+
+    def write(kind: str, logger: Any) -> None:
         if kind == "tensorboard":
             logger.experiment.add_image(tag, arr, global_step=step, dataformats="HWC")
             logger.experiment.flush()
         elif kind == "wandb":
             kwargs = {"caption": [caption]} if caption else {}
-            logger.log_image(key=tag, images=[arr], step=step, **kwargs)
+            logger.log_image(key=_wandb_key(tag), images=[arr], step=step, **kwargs)
         else:
             path = _file_path(logger, tag, step, ".png")
+            if path is None:
+                return
             with open(path, "wb") as f:
                 f.write(_png_bytes(arr))
             if caption:
                 with open(path[: -len(".png")] + ".txt", "w") as f:
                     f.write(caption)
+
+    _dispatch(sinks, tag, write)
 
 
 def log_figure(trainer: Any, tag: str, figure: Any, step: Optional[int] = None) -> None:
@@ -218,6 +340,8 @@ def log_table(
 ) -> None:
     """Log a table: markdown text in TensorBoard, ``log_table`` in W&B, CSV + markdown files elsewhere.
 
+    HTML in cells is escaped in the markdown (TensorBoard, ``.md``); W&B and the CSV get the values as they are.
+
     Example:
         >>> log_table(trainer, "slices/top", ["slice", "acc"], [["digit=3", 0.5]])  # doctest: +SKIP
     """
@@ -229,45 +353,69 @@ def log_table(
         return
     step = _step(trainer, step)
     markdown = table_to_markdown(columns, rows)
-    for kind, logger in sinks:
+    plain = [[_plain(v) for v in r] for r in rows]
+
+    def write(kind: str, logger: Any) -> None:
         if kind == "tensorboard":
             logger.experiment.add_text(tag, markdown, global_step=step)
             logger.experiment.flush()
         elif kind == "wandb":
-            plain = [[_plain(v) for v in r] for r in rows]
-            logger.log_table(key=tag, columns=columns, data=plain, step=step)
+            logger.log_table(key=_wandb_key(tag), columns=columns, data=plain, step=step)
         else:
             path = _file_path(logger, tag, step, ".csv")
+            if path is None:
+                return
             with open(path, "w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(columns)
-                writer.writerows([[_plain(v) for v in r] for r in rows])
+                writer.writerows(plain)
             with open(path[: -len(".csv")] + ".md", "w") as f:
                 f.write(markdown + "\n")
 
+    _dispatch(sinks, tag, write)
+
 
 def log_text(trainer: Any, tag: str, text: str, step: Optional[int] = None) -> None:
-    """Log markdown text: TensorBoard's text plugin, a one-cell W&B table, or a ``.md`` file."""
+    """Log markdown text: TensorBoard's text plugin, a one-cell W&B table, or a ``.md`` file.
+
+    ``<`` and ``>`` are escaped for TensorBoard and the ``.md`` file, so HTML (``<script>``, ``<lambda>`` in an error
+    message) shows as text; markdown emphasis, lists and tables still render.
+
+    Example:
+        >>> log_text(trainer, "saliency/errors", "Grad-CAM failed: <lambda> raised")  # doctest: +SKIP
+    """
     tag = _safe_tag(tag)
+    text = str(text)
     sinks = list(_sinks(trainer))
     if not sinks:
         return
     step = _step(trainer, step)
-    for kind, logger in sinks:
+    markdown = _escape_html(text)
+
+    def write(kind: str, logger: Any) -> None:
         if kind == "tensorboard":
-            logger.experiment.add_text(tag, text, global_step=step)
+            logger.experiment.add_text(tag, markdown, global_step=step)
             logger.experiment.flush()
         elif kind == "wandb":
-            logger.log_text(key=tag, columns=["text"], data=[[text]], step=step)
+            logger.log_text(key=_wandb_key(tag), columns=["text"], data=[[text]], step=step)
         else:
-            with open(_file_path(logger, tag, step, ".md"), "w") as f:
-                f.write(text + "\n")
+            path = _file_path(logger, tag, step, ".md")
+            if path is not None:
+                with open(path, "w") as f:
+                    f.write(markdown + "\n")
+
+    _dispatch(sinks, tag, write)
 
 
 def log_json(trainer: Any, tag: str, obj: Any, step: Optional[int] = None) -> Optional[str]:
     """Write ``obj`` as a JSON artifact under each logger's directory; W&B also uploads it with the run.
 
-    Returns the path written for the first logger (None off rank zero or without loggers).
+    Returns the path written for the first logger that succeeded (None off rank zero, without loggers, or when
+    every logger failed or refused the path).
+
+    Example:
+        >>> log_json(trainer, "slices/all", {"slices": []})  # doctest: +SKIP
+        'logs/csv/version_0/lens/slices/all/step_0000042.json'
     """
     tag = _safe_tag(tag)
     sinks = list(_sinks(trainer))
@@ -275,28 +423,31 @@ def log_json(trainer: Any, tag: str, obj: Any, step: Optional[int] = None) -> Op
         return None
     step = _step(trainer, step)
     text = json.dumps(obj, indent=2, default=_plain)
-    first: Optional[str] = None
-    for kind, logger in sinks:
+
+    def write(kind: str, logger: Any) -> Optional[str]:
         if kind == "wandb":
             run = logger.experiment
-            parts = [re.sub(r"[^\w.=\-]+", "_", p) for p in tag.split("/") if p]
-            folder = os.path.join(run.dir, "lens", *parts)
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"step_{step:07d}.json")
-            with open(path, "w") as f:
-                f.write(text)
-            run.save(path, base_path=run.dir, policy="now")
+            path = _confined_path(run.dir, tag, step, ".json")
+            if path is not None:
+                with open(path, "w") as f:
+                    f.write(text)
+                run.save(path, base_path=run.dir, policy="now")
         else:
             path = _file_path(logger, tag, step, ".json")
-            with open(path, "w") as f:
-                f.write(text)
-        first = first or path
-    return first
+            if path is not None:
+                with open(path, "w") as f:
+                    f.write(text)
+        return path
+
+    return next((p for p in _dispatch(sinks, tag, write) if p is not None), None)
 
 
 def log_scalars(trainer: Any, metrics: Mapping[str, Union[float, torch.Tensor]], step: Optional[int] = None) -> None:
     """Send scalars straight to every logger (``logger.log_metrics``), also from hooks where ``pl_module.log`` is not
     allowed (``on_fit_end``). Use ``pl_module.log`` instead when EarlyStopping or ModelCheckpoint must monitor them.
+
+    Metric names are passed as they are (they name no file): ``slices/acc/colour=2&size=1`` stays readable. A logger
+    that raises is warned about and skipped.
 
     Example:
         >>> log_scalars(trainer, {"sanity/gradient/spearman_abs": 0.02})  # doctest: +SKIP
@@ -305,19 +456,25 @@ def log_scalars(trainer: Any, metrics: Mapping[str, Union[float, torch.Tensor]],
         return
     values: dict[str, float] = {}
     for k, v in metrics.items():
+        check_instance(k, "metric name", str)
+        if not k:
+            raise ValueError("metric names must be non-empty strings, got ''")
         if isinstance(v, torch.Tensor):
             if v.numel() != 1:
                 raise ValueError(f"metric {k!r} must be a scalar, got a tensor of shape {tuple(v.shape)}")
             v = v.item()
-        values[_safe_tag(k)] = float(v)
+        values[k] = float(v)
     if not values:
         return
     step = _step(trainer, step)
-    for logger in getattr(trainer, "loggers", []) or []:
+    sinks = [(_kind(logger), logger) for logger in getattr(trainer, "loggers", []) or []]
+
+    def write(kind: str, logger: Any) -> None:
         logger.log_metrics(values, step=step)
-    for logger in getattr(trainer, "loggers", []) or []:
-        if _kind(logger) == "tensorboard":
+        if kind == "tensorboard":
             logger.experiment.flush()
+
+    _dispatch(sinks, ", ".join(values), write)
 
 
 def _plain(value: Any) -> Any:

@@ -20,10 +20,12 @@ from lightning_lens.render.heatmap import (
     reduce_channels,
     to_rgb_uint8,
 )
+from lightning_lens.render.sanity import cascade_grid, similarity_figure, verdict_lines
 
 __all__ = [
     "DIVERGING_CMAP",
     "SEQUENTIAL_CMAP",
+    "cascade_grid",
     "colorize",
     "figure_to_array",
     "heatmap",
@@ -34,5 +36,7 @@ __all__ = [
     "plot_curves",
     "plot_heatmap_matrix",
     "reduce_channels",
+    "similarity_figure",
     "to_rgb_uint8",
+    "verdict_lines",
 ]

@@ -10,6 +10,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lightning_lens.utils.checks import check_instance, check_int
+
 __all__ = ["figure_to_array", "new_figure", "plot_curves", "plot_heatmap_matrix"]
 
 SeriesLike = Union[Sequence[float], np.ndarray, torch.Tensor]
@@ -32,9 +34,9 @@ def new_figure(
         >>> figure_to_array(fig).dtype
         dtype('uint8')
     """
-    for name, value in (("nrows", nrows), ("ncols", ncols)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_int(nrows, "nrows", minimum=1)
+    check_int(ncols, "ncols", minimum=1)
+    check_int(dpi, "dpi", minimum=1)
     if figsize is None:
         figsize = (4.0 * ncols, 3.2 * nrows)
     fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
@@ -51,8 +53,7 @@ def figure_to_array(fig: Figure) -> np.ndarray:
         >>> figure_to_array(fig).shape
         (50, 100, 3)
     """
-    if not isinstance(fig, Figure):
-        raise TypeError(f"fig must be a matplotlib.figure.Figure, got {type(fig).__name__}")
+    check_instance(fig, "fig", Figure, hint="matplotlib.figure.Figure, e.g. from new_figure()")
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.draw()
     return np.array(np.asarray(canvas.buffer_rgba())[..., :3], dtype=np.uint8)
@@ -98,7 +99,8 @@ def plot_curves(
         3
     """
     xs = _series(x, "x")
-    if not isinstance(ys, Mapping) or not ys:
+    check_instance(ys, "ys", Mapping, hint="a dict mapping series names to values")
+    if not ys:
         raise ValueError("ys must be a non-empty dict mapping series names to values")
     if xticklabels is not None and len(xticklabels) != len(xs):
         raise ValueError(f"xticklabels has {len(xticklabels)} entries for {len(xs)} x positions")

@@ -10,7 +10,7 @@ import torch
 from matplotlib.font_manager import FontProperties, findfont, get_font
 
 from lightning_lens.render.heatmap import to_rgb_uint8
-from lightning_lens.utils.checks import check_int
+from lightning_lens.utils.checks import check_int, check_optional, check_positive_number
 
 __all__ = ["image_grid"]
 
@@ -126,6 +126,12 @@ def _tokens(text: str) -> list[str]:
     return out
 
 
+def _check_rows_of_images(value: object, argument: str, expected: str) -> None:
+    # a lone array or tensor is a Sequence too, but never a list of rows or of images
+    if isinstance(value, (np.ndarray, torch.Tensor, str)) or not isinstance(value, Sequence):
+        raise TypeError(f"{argument} must be {expected}, got {type(value).__name__}")
+
+
 def image_grid(
     cells: Sequence[Sequence[Cell]],
     row_labels: Optional[Sequence[str]] = None,
@@ -155,12 +161,12 @@ def image_grid(
         >>> grid.dtype, grid.shape[2]
         (dtype('uint8'), 3)
     """
-    if isinstance(cells, (np.ndarray, torch.Tensor)) or not isinstance(cells, Sequence) or not cells:
+    _check_rows_of_images(cells, "cells", "a list of rows (lists of images)")
+    if not cells:
         raise ValueError("cells must be a non-empty list of rows (lists of images)")
     rows: list[list[Optional[np.ndarray]]] = []
     for r, row in enumerate(cells):
-        if isinstance(row, (np.ndarray, torch.Tensor)) or not isinstance(row, Sequence):
-            raise ValueError(f"cells[{r}] must be a list of images (cells is a list of rows), got {type(row).__name__}")
+        _check_rows_of_images(row, f"cells[{r}]", "a list of images (cells is a list of rows)")
         rows.append([_as_cell(cell, f"[{r}][{c}]") for c, cell in enumerate(row)])
     n_rows = len(rows)
     n_cols = max((len(row) for row in rows), default=0)
@@ -175,6 +181,7 @@ def image_grid(
         cell_size = max([_DEFAULT_CELL] + [cell.shape[0] for cell in present])
     check_int(cell_size, "cell_size", minimum=4)
     check_int(pad, "pad", minimum=0)
+    check_optional(check_positive_number, fontsize, "fontsize")
 
     def fit(cell: Optional[np.ndarray]) -> Optional[np.ndarray]:
         if cell is None:

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.colors import Colormap
 
-from lightning_lens.utils.checks import check_choice
+from lightning_lens.utils.checks import (
+    check_choice,
+    check_float,
+    check_fraction,
+    check_instance,
+    check_optional,
+    check_positive_number,
+)
 
 __all__ = [
     "DIVERGING_CMAP",
@@ -108,12 +115,8 @@ def normalize_attribution(
         reduce: channel aggregation, see :func:`reduce_channels`.
         vmax: explicit positive scale; overrides ``clip_percentile``.
     """
-    if isinstance(clip_percentile, bool) or not isinstance(clip_percentile, (int, float)):
-        raise TypeError(f"clip_percentile must be a number in (0, 100], got {clip_percentile!r}")
-    if not 0.0 < clip_percentile <= 100.0:
-        raise ValueError(f"clip_percentile must be in (0, 100], got {clip_percentile}")
-    if vmax is not None and not (np.isfinite(vmax) and vmax > 0):
-        raise ValueError(f"vmax must be a positive finite number or None, got {vmax!r}")
+    check_float(clip_percentile, "clip_percentile", minimum=0.0, maximum=100.0, open_min=True)
+    check_optional(check_positive_number, vmax, "vmax")
     a = reduce_channels(attribution, reduce)
     if signed is None:
         signed = bool((a < 0).any())
@@ -132,13 +135,12 @@ def normalize_attribution(
 
 
 def _lut(cmap: Union[str, Colormap], n: int) -> np.ndarray:
+    check_instance(cmap, "cmap", (str, Colormap), hint="a matplotlib colormap name or object")
     if isinstance(cmap, str):
         try:
             cmap = colormaps[cmap]
         except KeyError as err:
             raise ValueError(f"cmap={cmap!r} is not a matplotlib colormap name") from err
-    if not isinstance(cmap, Colormap):
-        raise TypeError(f"cmap must be a colormap name or a matplotlib Colormap, got {type(cmap).__name__}")
     rgba = cmap.resampled(n)(np.arange(n))
     return np.round(np.asarray(rgba)[:, :3] * 255.0).astype(np.uint8)
 
@@ -205,10 +207,12 @@ def _denormalize(image: torch.Tensor, denormalize: Denormalize) -> torch.Tensor:
     if isinstance(denormalize, (tuple, list)) and len(denormalize) == 2:
         mean = torch.as_tensor(denormalize[0], dtype=image.dtype).reshape(-1, 1, 1)
         std = torch.as_tensor(denormalize[1], dtype=image.dtype).reshape(-1, 1, 1)
-        if mean.shape[0] not in (1, image.shape[0]) or std.shape[0] not in (1, image.shape[0]):
+        channels = image.shape[0]
+        if mean.shape[0] not in (1, channels) or std.shape[0] not in (1, channels):
+            needs = "1 value" if channels == 1 else f"1 or {channels} values"
             raise ValueError(
-                f"denormalize=(mean, std) needs 1 or {image.shape[0]} values each, "
-                f"got {mean.shape[0]} and {std.shape[0]}"
+                f"denormalize=(mean, std) needs {needs} each for a {channels}-channel image, got "
+                f"{mean.shape[0]} and {std.shape[0]}; pass the mean and std used to normalize these inputs"
             )
         return image * std + mean
     raise TypeError("denormalize must be a callable, a (mean, std) pair or None")
@@ -228,8 +232,7 @@ def to_rgb_uint8(image: ArrayLike, denormalize: Denormalize = None, scale: str =
         >>> to_rgb_uint8(torch.ones(1, 2, 2)).tolist()[0][0]
         [255, 255, 255]
     """
-    if scale not in ("auto", "clip", "minmax"):
-        raise ValueError(f"scale must be 'auto', 'clip' or 'minmax', got {scale!r}")
+    check_choice(scale, "scale", ("auto", "clip", "minmax"))
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         if image.ndim == 3 and image.shape[-1] == 3:
             return np.ascontiguousarray(image)
@@ -285,8 +288,7 @@ def overlay(
         >>> overlay(torch.rand(1, 32, 32), torch.randn(1, 8, 8)).shape
         (32, 32, 3)
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    check_fraction(alpha, "alpha", allow_zero=True)
     unknown = set(heatmap_kwargs) - {"signed", "clip_percentile", "reduce", "cmap", "vmax"}
     if unknown:
         raise TypeError(f"overlay got unexpected keyword arguments {sorted(unknown)}")

@@ -12,15 +12,14 @@ from typing import Any, Optional, TypeVar, Union
 import torch
 from torch import nn
 
-from lightning_lens.attribution import get_method
-from lightning_lens.attribution.base import check_inputs, forward_logits
+from lightning_lens.attribution.base import ExplainFn, check_inputs, forward_logits
+from lightning_lens.attribution.registry import MethodSpec, method_specs, resolve_method
 from lightning_lens.sanity.similarity import MapSimilarity, PreparedMaps
 from lightning_lens.utils import preserve_modes
 
-ExplainFn = Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-#: a registry name, ``(name, kwargs)``, an attribution object (``.attribute(inputs, target=...)``) bound to the model
-#: or one of its submodules, or a function ``explain(model, inputs, target) -> Tensor``.
-MethodSpec = Union[str, tuple, Any, ExplainFn]
+#: what the sanity functions take as ``methods``: one :data:`~lightning_lens.attribution.MethodSpec` (a registry name,
+#: ``(name, kwargs)``, an attribution object bound to the model or one of its submodules, a factory, or an explain
+#: function ``(model, inputs, target) -> maps``), a list of them, or a ``{label: spec}`` dict.
 Methods = Union[MethodSpec, Sequence[MethodSpec], Mapping[str, MethodSpec]]
 
 
@@ -93,38 +92,16 @@ def correspondence(source: nn.Module, copy_of_source: nn.Module) -> dict[int, An
     return memo
 
 
-def _label(spec: Any) -> str:
-    if isinstance(spec, str):
-        return spec
-    if isinstance(spec, tuple):
-        return str(spec[0])
-    name = getattr(spec, "name", None)
-    if isinstance(name, str):
-        return name
-    return getattr(spec, "__name__", type(spec).__name__)
-
-
-def _is_name_kwargs(spec: Any) -> bool:
-    return isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping)
-
-
 def normalize_methods(methods: Methods) -> list[tuple[str, Any]]:
-    """``[(label, spec)]`` from a single spec, a sequence or a ``{label: spec}`` mapping; labels must be unique."""
-    if isinstance(methods, Mapping):
-        items = [(str(k), v) for k, v in methods.items()]
-    elif isinstance(methods, str) or _is_name_kwargs(methods) or hasattr(methods, "attribute") or callable(methods):
-        items = [(_label(methods), methods)]
-    elif isinstance(methods, Sequence):
-        items = [(_label(m), m) for m in methods]
-    else:
-        raise TypeError(f"methods must be a method name, object or function, or a list/dict of them, got {methods!r}")
-    if not items:
-        raise ValueError("methods is empty; pass e.g. methods=['gradient', 'guided_backprop']")
-    labels = [k for k, _ in items]
-    dupes = sorted({k for k in labels if labels.count(k) > 1})
-    if dupes:
-        raise ValueError(f"methods: duplicate names {dupes}; pass a dict {{label: method}} to tell them apart")
-    return items
+    """``[(label, spec)]`` from a single spec, a sequence or a ``{label: spec}`` mapping: the registry's
+    :func:`~lightning_lens.attribution.method_specs`, so labels are the names the other callbacks log under
+    (``"IG"`` -> ``"integrated_gradients"``); labels must be unique.
+
+    Example:
+        >>> normalize_methods(["IG", "saliency"])
+        [('integrated_gradients', 'integrated_gradients'), ('gradient', 'gradient')]
+    """
+    return method_specs(methods, allow_single=True)
 
 
 def control_methods(inputs: torch.Tensor, exclude: Sequence[str] = ()) -> list[tuple[str, Any]]:
@@ -141,17 +118,13 @@ def control_methods(inputs: torch.Tensor, exclude: Sequence[str] = ()) -> list[t
 
 
 def bind(label: str, spec: Any, model: nn.Module, clone: nn.Module, memo: dict[int, Any]) -> BoundMethod:
-    """Bind one method spec to ``clone`` (the copy of ``model``)."""
-    if isinstance(spec, str):
-        method = get_method(spec, clone)
-        return BoundMethod(label, method, None, clone)
-    if isinstance(spec, tuple):
-        if len(spec) != 2 or not isinstance(spec[0], str) or not isinstance(spec[1], Mapping):
-            raise TypeError(
-                f"methods: a tuple must be (name, kwargs), e.g. ('smoothgrad', {{'n_samples': 20}}), got {spec!r}"
-            )
-        return BoundMethod(label, get_method(spec[0], clone, **dict(spec[1])), None, clone)
-    if hasattr(spec, "attribute"):
+    """Bind one method spec to ``clone`` (the copy of ``model``).
+
+    Names, ``(name, kwargs)`` pairs, factories and explain functions are resolved for the copy by
+    :func:`~lightning_lens.attribution.resolve_method`; a method object built on ``model`` (or one of its submodules)
+    is deep-copied onto the copy.
+    """
+    if hasattr(spec, "attribute") and not isinstance(spec, type):
         bound_to = getattr(spec, "model", None)
         if bound_to is not None and id(bound_to) not in memo:
             raise ValueError(
@@ -161,9 +134,11 @@ def bind(label: str, spec: Any, model: nn.Module, clone: nn.Module, memo: dict[i
         # deepcopy with the memo maps every reference to the model (or its submodules, e.g. a Grad-CAM layer) to
         # the copy's counterpart and copies the rest of the method's state
         return BoundMethod(label, copy.deepcopy(spec, dict(memo)), None, clone)
-    if callable(spec):
-        return BoundMethod(label, None, spec, clone)
-    raise TypeError(f"methods: cannot use {spec!r} as an attribution method (name, object or function expected)")
+    try:
+        method = resolve_method(spec, clone)
+    except TypeError as err:
+        raise TypeError(f"methods[{label!r}]: {err}") from err
+    return BoundMethod(label, method, None, clone)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -5,8 +5,9 @@ different maps for it than for the real model. Adebayo et al. permuted the train
 (``np.random.permutation(y_train)``, class frequencies preserved) and trained until the network fit them.
 
 This is an offline job (it trains a model), never run inside a callback. It is the one function of
-:mod:`lightning_lens.sanity` that uses Lightning: it imports it lazily, on call, to run a fresh ``Trainer`` on a deep
-copy of the user's ``LightningModule`` (the given module is never modified). The training runs inside
+:mod:`lightning_lens.sanity` that uses Lightning: on call, it runs
+:func:`lightning_lens.lightning_modules.fit_random_label_twin` (a fresh ``Trainer``) on a deep copy of the user's
+``LightningModule`` (the given module is never modified). The training runs inside
 ``torch.random.fork_rng`` seeded from ``seed``, so the caller's global RNG state is unchanged afterwards.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -214,13 +214,11 @@ def data_randomization_test(
         ...                                  max_epochs=30)  # doctest: +SKIP
         >>> print(report.summary())  # doctest: +SKIP
     """
-    from lightning_lens._pl import LightningModule, Trainer  # lazily: the rest of sanity/ never imports Lightning
+    # lazily: the twin's Trainer lives in the package's one Lightning-facing module; the rest of sanity/ is plain torch
+    from lightning_lens.lightning_modules import check_lightning_module, fit_random_label_twin
 
-    if not isinstance(module, LightningModule):
-        raise TypeError(
-            f"module must be a LightningModule (its training_step and configure_optimizers train the twin), got"
-            f" {type(module).__name__}; wrap a plain nn.Module in lightning_lens.testing.LitClassifier"
-        )
+    check_lightning_module(module, "module", fix="its training_step and configure_optimizers train the twin; wrap a"
+                           " plain nn.Module in lightning_lens.testing.LitClassifier")
     for name, value in (("max_epochs", max_epochs), ("batch_size", batch_size), ("eval_examples", eval_examples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -254,17 +252,7 @@ def data_randomization_test(
             loader_args = {"batch_size": batch_size, "shuffle": True,
                            "generator": torch.Generator().manual_seed(seed), **user_args}
         loader = DataLoader(permuted, **loader_args)
-        settings = {"max_epochs": max_epochs, "devices": 1, "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-                    "limit_val_batches": 0, **(trainer_kwargs or {})}
-        trainer = Trainer(**settings)
-        twin.train()
-        with warnings.catch_warnings():
-            # expected here: the twin has no validation data on purpose
-            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
-            trainer.fit(twin, train_dataloaders=loader)
-        epochs = int(trainer.current_epoch)
-        twin._trainer = None  # do not keep the fitting Trainer (and its data) alive through the report
+        epochs = fit_random_label_twin(twin, loader, max_epochs=max_epochs, trainer_kwargs=trainer_kwargs)
         random_model, _ = private_copy(twin)
         random_model = random_model.to(x.device)
         accessor = BatchAccessor(input_key=input_key, target_key=permuted.label_key)

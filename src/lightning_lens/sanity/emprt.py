@@ -29,7 +29,7 @@ from lightning_lens.sanity._common import (
     predict,
     private_copy,
 )
-from lightning_lens.sanity.layers import BatchNormPolicy, InitFn, find_layers, reinitialize_
+from lightning_lens.sanity.layers import BatchNormPolicy, InitFn, find_layers, in_fast_layout, reinitialize_
 from lightning_lens.utils import resolve_target
 from lightning_lens.utils.targets import Target
 
@@ -164,12 +164,16 @@ def efficient_mprt(
     specs = normalize_methods(methods)
     clone, memo = private_copy(model)
     x = check_batch(inputs, clone)
-    outputs: list = []
-    found, _ = find_layers(clone, x, layers, output=outputs)
     bound = [bind(label, spec, model, clone, memo) for label, spec in specs]
-    logits = checked_logits(outputs, x)
-    fixed = resolve_target(target, logits)
-    original = {m.name: histogram_entropy(m.explain(x, fixed), n_bins).cpu() for m in bound}
+
+    def first_step() -> tuple[list, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        outputs: list = []
+        found, _ = find_layers(clone, x, layers, output=outputs)
+        logits = checked_logits(outputs, x)
+        fixed = resolve_target(target, logits)
+        return found, logits, fixed, {m.name: histogram_entropy(m.explain(x, fixed), n_bins).cpu() for m in bound}
+
+    found, logits, fixed, original = in_fast_layout(clone, x, first_step)
     generator = torch.Generator().manual_seed(seed)
     sequence = found if order == "bottom_up" else list(reversed(found))
     for layer in sequence:

@@ -28,6 +28,7 @@ from lightning_lens.sanity._common import (
     predict,
     private_copy,
 )
+from lightning_lens.sanity.layers import in_fast_layout
 from lightning_lens.sanity.report import MapComparison, VerdictRule
 from lightning_lens.sanity.similarity import MapSimilarity
 from lightning_lens.utils import resolve_target
@@ -101,20 +102,24 @@ def random_logit(
     clone, memo = private_copy(model)
     x = check_batch(inputs, clone)
     bound = [bind(label, spec, model, clone, memo) for label, spec in specs]
-    logits = predict(clone, x)
-    classes = logits.shape[1]
-    if classes < 2:
-        raise ValueError("random_logit needs a model with at least 2 classes")
-    targets = resolve_target(target, logits)
-    generator = torch.Generator().manual_seed(seed)
-    shift = torch.randint(1, classes, (x.shape[0],), generator=generator).to(targets.device)
-    others = (targets + shift) % classes  # uniform over the other classes
-    sims, floors, ceilings, verdicts = {}, {}, {}, {}
-    for m in bound:
-        ref = Reference.compute(m, x, targets, similarity)
-        scores, _ = ref.compare(m.explain(x, others), similarity)
-        sims[m.name] = {k: v.float().cpu() for k, v in scores.items()}
-        floors[m.name], ceilings[m.name] = ref.floor, ref.ceiling
-        verdicts[m.name] = rule.judge(m.name, {k: v.unsqueeze(0) for k, v in sims[m.name].items()}, ref.floor,
-                                      ref.ceiling)
-    return RandomLogitResult(sims, floors, ceilings, verdicts, targets=targets.cpu(), other_targets=others.cpu())
+
+    def run() -> RandomLogitResult:
+        logits = predict(clone, x)
+        classes = logits.shape[1]
+        if classes < 2:
+            raise ValueError("random_logit needs a model with at least 2 classes")
+        targets = resolve_target(target, logits)
+        generator = torch.Generator().manual_seed(seed)
+        shift = torch.randint(1, classes, (x.shape[0],), generator=generator).to(targets.device)
+        others = (targets + shift) % classes  # uniform over the other classes
+        sims, floors, ceilings, verdicts = {}, {}, {}, {}
+        for m in bound:
+            ref = Reference.compute(m, x, targets, similarity)
+            scores, _ = ref.compare(m.explain(x, others), similarity)
+            sims[m.name] = {k: v.float().cpu() for k, v in scores.items()}
+            floors[m.name], ceilings[m.name] = ref.floor, ref.ceiling
+            verdicts[m.name] = rule.judge(m.name, {k: v.unsqueeze(0) for k, v in sims[m.name].items()}, ref.floor,
+                                          ref.ceiling)
+        return RandomLogitResult(sims, floors, ceilings, verdicts, targets=targets.cpu(), other_targets=others.cpu())
+
+    return in_fast_layout(clone, x, run)  # the copy is never modified here, so the whole test can be re-run

@@ -628,8 +628,12 @@ class MapSimilarity:
         maps = maps.detach()
         metrics = self.applicable(maps.shape) if metrics is None else tuple(metrics)
         batch = maps.shape[0]
-        finite = _finite_rows(maps.reshape(batch, -1))
-        clean = maps if bool(finite.all()) else torch.where(torch.isfinite(maps), maps, torch.zeros_like(maps))
+        if bool(torch.isfinite(maps.sum())):  # no nan/inf anywhere (one reduction instead of a full-size mask)
+            finite = torch.ones(batch, dtype=torch.bool, device=maps.device)
+            clean = maps
+        else:
+            finite = _finite_rows(maps.reshape(batch, -1))
+            clean = torch.where(torch.isfinite(maps), maps, torch.zeros_like(maps))
 
         wanted = set(metrics)
         aggregated = aggregate_channels(clean, signed=False).reshape(batch, -1)
@@ -641,11 +645,17 @@ class MapSimilarity:
         absolute = to_absolute(magnitude)
         signed_flat = _rows(aggregate_channels(clean, signed=True))
         signed_values = signed_order = None
+        one_channel = maps.dim() < 4 or maps.shape[1] == 1  # then the magnitude is |signed|, entry by entry
         if "spearman_signed" in wanted:
-            one_channel = maps.dim() < 4 or maps.shape[1] == 1  # then the magnitude is |signed|, entry by entry
             signed_values, signed_order = (_sort_signed_by_magnitude(signed_flat, order.to(signed_flat.device))
                                            if one_channel else _sort_rows(signed_flat))
-        to_signed = _signed_scaler(signed_flat, self.clip_percentile, signed_values)
+            to_signed = _signed_scaler(signed_flat, self.clip_percentile, signed_values)
+        elif one_channel and self.clip_percentile is not None:
+            # the percentile of |signed| is that of the magnitude, whose sorted rows are at hand: no selection
+            span = _percentile_of_sorted(values, self.clip_percentile)
+            to_signed = lambda t: _scale(t, span).clamp_(-1, 1)  # noqa: E731
+        else:
+            to_signed = _signed_scaler(signed_flat, self.clip_percentile)
         signed = to_signed(signed_flat)
 
         stats: dict[str, Any] = {}
@@ -656,7 +666,7 @@ class MapSimilarity:
             stats["spearman_signed"] = _standardize(_ranks_from_sorted(to_signed(signed_values), signed_order))
         spatial = self._spatial_shape(maps.shape)
         # SSIM and HOG in float32: their values agree with float64 to ~1e-6 at half the memory traffic
-        images = absolute.view(batch, *spatial).float() if spatial is not None else None
+        images = absolute.view(batch, *spatial).float() if spatial is not None and wanted & {"ssim", "hog"} else None
         if "ssim" in metrics:
             self._ssim.check(images.shape if images is not None else maps.shape)
             stats["ssim"] = self._ssim.stats(images)

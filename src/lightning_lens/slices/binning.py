@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from lightning_lens.utils.checks import check_int
+from lightning_lens.utils.checks import check_choice, check_instance, check_int
 
 __all__ = ["AttributeBins", "Binning", "apply_bins", "as_column", "fit_bins"]
 
@@ -80,8 +80,7 @@ class AttributeBins:
     edges: tuple = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in ("categorical", "numeric"):
-            raise ValueError(f"kind must be 'categorical' or 'numeric', got {self.kind!r}")
+        check_choice(self.kind, "kind", ("categorical", "numeric"))
 
     @property
     def n_levels(self) -> int:
@@ -134,7 +133,14 @@ class AttributeBins:
         else:
             other = len(self.values)
             numeric_levels = all(isinstance(v, (bool, int, float)) for v in self.values)
-            if col.dtype.kind in "biuf" and numeric_levels and self.values:
+            lut = _integer_lookup(col, self.values, other) if numeric_levels and self.values else None
+            if lut is not None:  # integers in a small range: one table lookup per value
+                table, low = lut
+                for lo in range(0, col.size, 1 << 20):  # in blocks: no full-size temporaries
+                    block = col[lo:lo + (1 << 20)].astype(np.int64)
+                    block -= low
+                    np.take(table, block, out=out[lo:lo + (1 << 20)])
+            elif col.dtype.kind in "biuf" and numeric_levels and self.values:
                 levels = np.asarray(self.values, dtype=np.float64)
                 order = np.argsort(levels, kind="stable")
                 sorted_levels = levels[order]
@@ -145,7 +151,8 @@ class AttributeBins:
             else:
                 lookup = {v: i for i, v in enumerate(self.values)}
                 out[:] = [lookup.get(_scalar(v), other) for v in col]
-        out[missing] = self.missing_code
+        if missing.any():
+            out[missing] = self.missing_code
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +161,22 @@ class AttributeBins:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AttributeBins":
         return cls(name=d["name"], kind=d["kind"], values=tuple(d.get("values", ())), edges=tuple(d.get("edges", ())))
+
+
+def _integer_lookup(col: np.ndarray, values: tuple, other: int) -> Optional[tuple[np.ndarray, int]]:
+    """``(table, low)`` with ``table[x - low]`` the code of integer value ``x`` (``other`` if not a level), when
+    ``col`` holds integers in a range no wider than a few times its length; None otherwise."""
+    if col.dtype.kind not in "biu" or col.size == 0:
+        return None
+    low, high = int(col.min()), int(col.max())
+    if high - low > 4 * col.size + 1024:
+        return None
+    table = np.full(high - low + 1, other, dtype=np.int64)
+    for code in range(len(values) - 1, -1, -1):  # the first of equal levels wins, as in the sorted search
+        v = float(values[code])
+        if v.is_integer() and low <= v <= high:
+            table[int(v) - low] = code
+    return table, low
 
 
 def _sorted_values(values: list) -> list:
@@ -182,7 +205,12 @@ def _fit_attribute(name: str, column: Any, n_bins: int, max_categories: int, kin
         qs = np.quantile(x, np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
         edges = [float(e) for e in np.unique(qs) if e > x.min()]  # an edge at the minimum would leave bin 0 empty
         return AttributeBins(name, "numeric", edges=tuple(edges))
-    counts = Counter(_scalar(v) for v in present)
+    if present.dtype.kind in "biuf":  # vectorised, same keys and first-seen order as the Counter below
+        uniq, first, freq = np.unique(present, return_index=True, return_counts=True)
+        seen = np.argsort(first, kind="stable")
+        counts = Counter(dict(zip((_scalar(present[i]) for i in first[seen]), freq[seen].tolist())))
+    else:
+        counts = Counter(_scalar(v) for v in present)
     if len(counts) > max_categories:
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])  # stable: ties keep first-seen order
         kept = [v for v, _ in ranked[:max_categories]]
@@ -227,8 +255,7 @@ class Binning:
             categorical: attributes to treat as categorical whatever their dtype.
             numeric: attributes to bin by quantiles whatever their number of distinct values.
         """
-        if not isinstance(metadata, Mapping):
-            raise TypeError(f"metadata must be a dict of attribute name -> values, got {type(metadata).__name__}")
+        check_instance(metadata, "metadata", Mapping, hint="attribute name -> per-sample values")
         check_int(n_bins, "n_bins", minimum=2)
         check_int(max_categories, "max_categories", minimum=1)
         categorical, numeric = set(categorical or ()), set(numeric or ())

@@ -13,9 +13,16 @@ from typing import Any, Optional
 import numpy as np
 
 from lightning_lens.slices.stats import hypergeom_sf
-from lightning_lens.utils.checks import check_int
+from lightning_lens.utils.checks import check_choice, check_int
 
-__all__ = ["PCABasis", "cluster_embeddings", "describe_clusters"]
+__all__ = [
+    "PCABasis",
+    "cluster_embeddings",
+    "cluster_level_counts",
+    "describe_cluster_counts",
+    "describe_clusters",
+    "fit_cluster_model",
+]
 
 
 @dataclass
@@ -111,6 +118,20 @@ def _as_matrix(embeddings: Any) -> np.ndarray:
     return x
 
 
+def _cluster_model(n: int, n_clusters: int, method: str, seed: int) -> Any:
+    check_choice(method, "cluster_method", ("kmeans", "gmm"))
+    k = int(min(n_clusters, n))
+    if k < 2:
+        return None
+    if method == "kmeans":
+        from sklearn.cluster import KMeans
+
+        return KMeans(n_clusters=k, n_init=1, max_iter=100, random_state=seed)
+    from sklearn.mixture import GaussianMixture
+
+    return GaussianMixture(n_components=k, covariance_type="diag", random_state=seed, reg_covar=1e-4, max_iter=100)
+
+
 def cluster_embeddings(
     z: np.ndarray, n_clusters: int, method: str = "kmeans", seed: int = 0
 ) -> np.ndarray:
@@ -122,22 +143,90 @@ def cluster_embeddings(
         >>> len(set(labels[:5])), len(set(labels[5:])), labels[0] != labels[5]
         (1, 1, np.True_)
     """
-    if method not in ("kmeans", "gmm"):
-        raise ValueError(f"cluster_method must be 'kmeans' or 'gmm', got {method!r}")
-    n = z.shape[0]
-    k = int(min(n_clusters, n))
-    if k < 2:
-        return np.zeros(n, dtype=np.int64)
-    if method == "kmeans":
-        from sklearn.cluster import KMeans
-
-        model = KMeans(n_clusters=k, n_init=1, max_iter=100, random_state=seed)
-    else:
-        from sklearn.mixture import GaussianMixture
-
-        model = GaussianMixture(n_components=k, covariance_type="diag", random_state=seed, reg_covar=1e-4,
-                                max_iter=100)
+    model = _cluster_model(z.shape[0], n_clusters, method, seed)
+    if model is None:
+        return np.zeros(z.shape[0], dtype=np.int64)
     return np.asarray(model.fit_predict(z), dtype=np.int64)
+
+
+class _OneCluster:
+    def predict(self, z: np.ndarray) -> np.ndarray:
+        return np.zeros(np.asarray(z).shape[0], dtype=np.int64)
+
+
+def fit_cluster_model(z: np.ndarray, n_clusters: int, method: str = "kmeans", seed: int = 0) -> Any:
+    """The clustering of :func:`cluster_embeddings`, fitted on ``z`` (e.g. a sample), to ``predict`` any rows.
+
+    On the rows it was fitted on, ``predict`` gives the labels :func:`cluster_embeddings` returns (scikit-learn ends
+    both fits with an assignment step), so a model fitted on a sample assigns every row consistently.
+
+    Example:
+        >>> z = np.concatenate([np.zeros((5, 2)), np.ones((5, 2)) * 10])
+        >>> model = fit_cluster_model(z, 2)
+        >>> far = model.predict(np.full((1, 2), 9.0))[0]
+        >>> bool((model.predict(z) == cluster_embeddings(z, 2)).all()), bool(far == model.predict(z)[-1])
+        (True, True)
+    """
+    model = _cluster_model(z.shape[0], n_clusters, method, seed)
+    if model is None:
+        return _OneCluster()
+    return model.fit(z)
+
+
+def cluster_level_counts(
+    labels: np.ndarray, codes: Mapping[str, np.ndarray], n_levels: Mapping[str, int], clusters: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per attribute, ``(len(clusters) + 1, n_levels)`` counts: rows of each cluster at each level, then all rows.
+
+    Sums over shards of the rows, so clusters of sharded data are described from all-reduced counts.
+
+    Example:
+        >>> cluster_level_counts(np.array([0, 0, 1]), {"site": np.array([0, 1, 1])}, {"site": 2}, np.array([1]))
+        {'site': array([[0., 1.],
+               [1., 2.]])}
+    """
+    out = {}
+    slot = np.full(int(max(labels.max(initial=0), clusters.max(initial=0))) + 1, -1, dtype=np.int64)
+    slot[np.asarray(clusters, dtype=np.int64)] = np.arange(len(clusters))
+    row = slot[labels] if labels.size else np.zeros(0, dtype=np.int64)
+    member = row >= 0
+    for attr, col in codes.items():
+        k = int(n_levels[attr])
+        inside = np.bincount(row[member] * k + col[member], minlength=len(clusters) * k).reshape(len(clusters), k)
+        out[attr] = np.vstack([inside, np.bincount(col, minlength=k)]).astype(np.float64)
+    return out
+
+
+def describe_cluster_counts(
+    counts: Mapping[str, np.ndarray],
+    sizes: np.ndarray,
+    n: int,
+    level_text: Mapping[str, list[str]],
+    clusters: np.ndarray,
+    max_terms: int = 3,
+    min_lift: float = 1.5,
+    max_p: float = 1e-3,
+) -> dict[int, list[dict[str, Any]]]:
+    """:func:`describe_clusters` from :func:`cluster_level_counts` (``sizes``: members of each cluster)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for i, c in enumerate(clusters):
+        s = int(sizes[i])
+        terms = []
+        for attr, table in counts.items():
+            overall, inside = table[-1], table[i]
+            present = np.flatnonzero(inside)
+            if present.size == 0 or s == 0:
+                continue
+            share = inside[present] / s
+            lift = share / (overall[present] / n)
+            p = hypergeom_sf(inside[present], n, overall[present], s)
+            for j, lv in enumerate(present):
+                if lift[j] >= min_lift and p[j] <= max_p:
+                    terms.append({"text": level_text[attr][lv], "share": float(share[j]), "lift": float(lift[j]),
+                                  "p_value": float(p[j])})
+        terms.sort(key=lambda t: (-t["share"], -t["lift"]))
+        out[int(c)] = terms[:max_terms]
+    return out
 
 
 def describe_clusters(
@@ -160,27 +249,7 @@ def describe_clusters(
         >>> describe_clusters(labels, codes, {"site": ["site=a", "site=b"]})[1][0]["text"]
         'site=b'
     """
-    n = labels.size
-    out: dict[int, list[dict[str, Any]]] = {}
-    clusters = np.unique(labels) if clusters is None else clusters
-    for c in clusters:
-        members = labels == c
-        s = int(members.sum())
-        terms = []
-        for attr, col in codes.items():
-            k_levels = len(level_text[attr])
-            overall = np.bincount(col, minlength=k_levels)
-            inside = np.bincount(col[members], minlength=k_levels)
-            present = np.flatnonzero(inside)
-            if present.size == 0 or s == 0:
-                continue
-            share = inside[present] / s
-            lift = share / (overall[present] / n)
-            p = hypergeom_sf(inside[present], n, overall[present], s)
-            for j, lv in enumerate(present):
-                if lift[j] >= min_lift and p[j] <= max_p:
-                    terms.append({"text": level_text[attr][lv], "share": float(share[j]), "lift": float(lift[j]),
-                                  "p_value": float(p[j])})
-        terms.sort(key=lambda t: (-t["share"], -t["lift"]))
-        out[int(c)] = terms[:max_terms]
-    return out
+    clusters = np.unique(labels) if clusters is None else np.asarray(clusters)
+    counts = cluster_level_counts(labels, codes, {a: len(level_text[a]) for a in codes}, clusters)
+    sizes = np.array([np.count_nonzero(labels == c) for c in clusters])
+    return describe_cluster_counts(counts, sizes, labels.size, level_text, clusters, max_terms, min_lift, max_p)

@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 from scipy import special, stats
 
+from lightning_lens.utils.checks import check_choice, check_float
+
 __all__ = [
     "adjust_pvalues",
     "fisher_greater",
@@ -41,8 +43,7 @@ def wilson_interval(successes, n, confidence: float = 0.95) -> tuple[np.ndarray,
         >>> round(float(low), 4), round(float(high), 4)
         (0.2366, 0.7634)
     """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    check_float(confidence, "confidence", minimum=0.0, maximum=1.0, open_min=True, open_max=True)
     k = np.asarray(successes, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
     if np.any(n <= 0):
@@ -224,8 +225,7 @@ def adjust_pvalues(p_values, method: str = "bh") -> np.ndarray:
     p = np.asarray(p_values, dtype=np.float64)
     if p.ndim != 1:
         raise ValueError(f"p_values must be 1-D, got shape {p.shape}")
-    if method not in ("bh", "by"):
-        raise ValueError(f"method must be 'bh' or 'by', got {method!r}")
+    check_choice(method, "method", ("bh", "by"))
     if np.any((p < 0) | (p > 1) | np.isnan(p)):
         raise ValueError("p_values must lie in [0, 1]")
     m = p.size

@@ -10,7 +10,7 @@ _EXPORTS = {
     "DifferenceReLUModel": "models",
     "MultiLayerModel": "models",
     "MixedReLUModel": "models",
-    "LitClassifier": "lit",  # a LightningModule: imports Lightning when used
+    "LitClassifier": ".lightning_modules",  # a LightningModule: imports Lightning when used
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_lens.utils.checks import check_choice, check_int
+
 __all__ = [
     "DifferenceReLUModel",
     "LinearModel",
@@ -22,12 +24,6 @@ __all__ = [
     "OneMinusReLUModel",
     "SmallCNN",
 ]
-
-
-def _positive_int(value: int, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{argument} must be a positive int, got {value!r}")
-    return value
 
 
 class SmallCNN(nn.Module):
@@ -67,11 +63,11 @@ class SmallCNN(nn.Module):
         inplace: bool = False,
     ) -> None:
         super().__init__()
-        _positive_int(in_channels, "in_channels")
-        _positive_int(num_classes, "num_classes")
-        _positive_int(width, "width")
-        _positive_int(hidden, "hidden")
-        if _positive_int(input_size, "input_size") % 4:
+        check_int(in_channels, "in_channels", minimum=1)
+        check_int(num_classes, "num_classes", minimum=1)
+        check_int(width, "width", minimum=1)
+        check_int(hidden, "hidden", minimum=1)
+        if check_int(input_size, "input_size", minimum=1) % 4:
             raise ValueError(f"input_size must be a multiple of 4 (two 2x2 poolings), got {input_size}")
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -130,8 +126,8 @@ class LinearModel(nn.Module):
         bias: Optional[torch.Tensor] = None,
     ) -> None:
         super().__init__()
-        _positive_int(in_features, "in_features")
-        _positive_int(num_classes, "num_classes")
+        check_int(in_features, "in_features", minimum=1)
+        check_int(num_classes, "num_classes", minimum=1)
         self.linear = nn.Linear(in_features, num_classes)
         with torch.no_grad():
             if weight is None:
@@ -265,8 +261,7 @@ class MixedReLUModel(nn.Module):
 
     def __init__(self, relu_style: str = "mixed") -> None:
         super().__init__()
-        if relu_style not in ("mixed", "modules"):
-            raise ValueError(f"relu_style must be 'mixed' or 'modules', got {relu_style!r}")
+        check_choice(relu_style, "relu_style", ("mixed", "modules"))
         self.relu_style = relu_style
         sizes = [(4, 6), (6, 6), (6, 6), (6, 6), (6, 3)]
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in sizes)

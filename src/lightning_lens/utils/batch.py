@@ -7,6 +7,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from lightning_lens.utils.checks import check_key, check_str_list
+
 Key = Union[int, str, Callable[[Any], Any], None]
 
 _INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
@@ -33,8 +35,9 @@ class BatchAccessor:
         input_key: where the inputs are. Default: position 0, or the first of ``image``, ``input``, ``x`` ... in a dict.
         target_key: where the labels are. Default: position 1, or ``label``, ``target``, ``y`` ... in a dict.
         index_key: where the dataset indices are. Default: ``index``/``idx``/``sample_id`` in a dict, else none.
-        metadata_keys: dict keys to treat as per-sample metadata. Default: every other key of a dict batch whose value
-            is a 1-D tensor or a list with one entry per sample (keys ending in ``_mask`` are masks instead).
+        metadata_keys: dict keys to treat as per-sample metadata (one string is one key). Default: every other key of
+            a dict batch whose value is a 1-D tensor or a list with one entry per sample (keys ending in ``_mask`` are
+            masks instead).
 
     Example:
         >>> acc = BatchAccessor()
@@ -48,15 +51,14 @@ class BatchAccessor:
         input_key: Key = None,
         target_key: Key = None,
         index_key: Key = None,
-        metadata_keys: Optional[Sequence[str]] = None,
+        metadata_keys: Union[str, Sequence[str], None] = None,
     ) -> None:
-        for name, key in (("input_key", input_key), ("target_key", target_key), ("index_key", index_key)):
-            if key is not None and not isinstance(key, (int, str)) and not callable(key):
-                raise TypeError(f"{name} must be an int, a str, a callable or None, got {type(key).__name__}")
-        self.input_key = input_key
-        self.target_key = target_key
-        self.index_key = index_key
-        self.metadata_keys = list(metadata_keys) if metadata_keys is not None else None
+        self.input_key = check_key(input_key, "input_key")
+        self.target_key = check_key(target_key, "target_key")
+        self.index_key = check_key(index_key, "index_key")
+        if isinstance(metadata_keys, str):  # one key, not its characters
+            metadata_keys = [metadata_keys]
+        self.metadata_keys = None if metadata_keys is None else list(check_str_list(metadata_keys, "metadata_keys"))
 
     @staticmethod
     def _first_key(batch: Mapping, candidates: Sequence[str]) -> Optional[str]:

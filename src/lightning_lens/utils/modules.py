@@ -9,6 +9,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from lightning_lens.utils.checks import check_instance
+
 
 @contextlib.contextmanager
 def preserve_modes(model: nn.Module, mode: bool | None = None) -> Iterator[nn.Module]:
@@ -41,12 +43,11 @@ def resolve_module(model: nn.Module, layer: Union[nn.Module, str], argument: str
 
     Raises a ``ValueError`` naming ``argument`` and listing close names when it is not found.
     """
+    check_instance(layer, argument, (nn.Module, str), hint="a submodule or its dotted name, e.g. 'features.7'")
     if isinstance(layer, nn.Module):
         if not any(m is layer for m in model.modules()):
             raise ValueError(f"{argument}: the given module is not a submodule of the model")
         return layer
-    if not isinstance(layer, str):
-        raise TypeError(f"{argument} must be an nn.Module or a dotted module name, got {type(layer).__name__}")
     modules = dict(model.named_modules())
     if layer in modules:
         return modules[layer]

@@ -1,0 +1,102 @@
+"""TracInCallback under DDP (2 CPU processes, gloo) vs one process: run by tests/callbacks/test_tracin.py, which also
+imports its helpers (``FlippedDigits``, ``make_module``).
+
+Trains an MLP on 96 SpuriousDigits with 10 % flipped labels, unshuffled, 32 examples per step in both runs (one
+process: batches of 32; two: 16 per rank, every other example, gradients averaged: Lightning's own
+DistributedSampler would shuffle), so the snapshots agree up to rounding. The callback
+scores a seeded subset of 95 training examples (odd: the ranks' shards differ in size) and 4 probes; rank zero's
+report is written to ``--out`` as JSON (rank one writes what it holds: nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_lens._pl import Trainer
+from lightning_lens.callbacks import TracInCallback
+from lightning_lens.datasets import SpuriousDigits
+from lightning_lens.lightning_modules import LitClassifier
+
+NUM_TRAIN, NUM_SCORED, STEP_BATCH = 96, 95, 32
+
+
+class FlippedDigits(Dataset):
+    """The first ``n`` SpuriousDigits of a split as dict items, a seeded ``fraction`` of the labels flipped."""
+
+    def __init__(self, n: int, fraction: float = 0.1, split: str = "train", seed: int = 0) -> None:
+        data = SpuriousDigits(split, seed=0)
+        self.images = data.images[:n]
+        self.labels = data.labels[:n].clone()
+        self.flipped = torch.zeros(n, dtype=torch.bool)
+        if fraction:
+            gen = torch.Generator().manual_seed(seed)
+            chosen = torch.randperm(n, generator=gen)[: int(round(n * fraction))]
+            self.labels[chosen] = (self.labels[chosen] + torch.randint(1, 10, (len(chosen),), generator=gen)) % 10
+            self.flipped[chosen] = True
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": int(self.labels[i]), "index": int(i)}
+
+
+def make_module(seed: int = 0, lr: float = 0.05, dropout: float = 0.0) -> LitClassifier:
+    torch.manual_seed(seed)
+    layers = [nn.AvgPool2d(4), nn.Flatten(), nn.Linear(64, 32), nn.ReLU()]
+    layers += [nn.Dropout(dropout)] if dropout else []
+    return LitClassifier(nn.Sequential(*layers, nn.Linear(32, 10)), optimizer="sgd", lr=lr)
+
+
+def run_fit(devices: int, root: str) -> dict:
+    torch.set_num_threads(1)
+    train, val = FlippedDigits(NUM_TRAIN), FlippedDigits(40, 0.0, "val")
+    callback = TracInCallback(every_n_epochs=1, max_train_samples=NUM_SCORED, num_probes=4, k=3, batch_size=16,
+                              max_overhead=None, strict=True)
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=2,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      callbacks=[callback], default_root_dir=root)
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # the launcher sets it in the processes it starts
+    shard = list(range(rank, NUM_TRAIN, devices))
+    trainer.fit(make_module(), DataLoader(train, batch_size=STEP_BATCH // devices, sampler=shard),
+                DataLoader(val, batch_size=STEP_BATCH // devices))
+    report = callback.last_report
+    out: dict = {"rank": trainer.global_rank, "report": None}
+    if report is not None:
+        out["report"] = {
+            "positions": report.positions.tolist(),
+            "ids": report.ids.tolist(),
+            "self_influence": report.self_influence.tolist(),
+            "influence": report.influence.tolist(),
+            "labels": report.labels.tolist(),
+            "predictions": report.predictions.tolist(),
+            "ranked_ids": report.ranked_ids,
+            "proponents": report.proponents.tolist(),
+            "opponents": report.opponents.tolist(),
+            "epochs": report.epochs,
+            "learning_rates": report.learning_rates,
+            "planned": report.planned,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--root", required=True)
+    args = parser.parse_args()
+    result = run_fit(args.devices, args.root)
+    Path(f"{args.out}.rank{result['rank']}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
