@@ -7,29 +7,22 @@ and writes rank zero's metrics to ``--out`` as JSON.
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lens._pl import Trainer
 from lightning_lens.callbacks import ConceptMonitor
 from lightning_lens.datasets import SevenSegmentDigits
 from lightning_lens.interpretable_models import ConceptBottleneckModule
 
+# tests/_ddp.py: tests/ is on sys.path under pytest (tests/conftest.py), not in this subprocess
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _ddp  # noqa: E402
+
 NUM_SAMPLES = 301
-
-
-def read_scalars(log_dir: str) -> dict[str, float]:
-    """Last value of every scalar in the TensorBoard event files under ``log_dir``."""
-    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: acc.Scalars(tag)[-1].value for tag in acc.Tags()["scalars"]}
 
 
 def run_validate(devices: int, root: str) -> dict:
@@ -41,25 +34,17 @@ def run_validate(devices: int, root: str) -> dict:
     module = ConceptBottleneckModule(concept_encoder=encoder, num_concepts=7, num_classes=10,
                                      concept_names=val.concept_names)
     monitor = ConceptMonitor(num_random_orders=3, leakage_folds=3)
-    logger = TensorBoardLogger(root, name="tb")
-    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=logger,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor],
-                      default_root_dir=root)
+    trainer = _ddp.trainer(devices, root, [monitor])
     trainer.validate(module, DataLoader(data, batch_size=64), verbose=False)
     result = {"rank": trainer.global_rank, "num_samples": monitor.last_num_samples, "metrics": monitor.last_metrics}
     if devices == 1:
-        result["logged"] = read_scalars(logger.log_dir)
+        result["logged"] = _ddp.read_scalars(trainer.logger.log_dir)
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--root", required=True)
-    args = parser.parse_args()
-    result = run_validate(args.devices, args.root)
-    Path(f"{args.out}.rank{result['rank']}.json").write_text(json.dumps(result))
+    args = _ddp.script_arguments().parse_args()
+    _ddp.write_result(args.out, run_validate(args.devices, args.root))
 
 
 if __name__ == "__main__":

@@ -7,21 +7,19 @@ metrics and the probes' neighbours to ``--out`` as JSON (rank one writes what it
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from lightning_lens._pl import Trainer
 from lightning_lens.callbacks import NeighborGallery
 from lightning_lens.utils import ProbeSet
 
-# the data sets live in tests/_data.py and tests/_knn.py; tests/ is on sys.path under pytest, not in this subprocess
+# the data sets and the DDP scaffolding live in tests/_data.py, tests/_knn.py and tests/_ddp.py; tests/ is on
+# sys.path under pytest, not in this subprocess
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _ddp  # noqa: E402
 from _data import DigitsSplit  # noqa: E402
 from _knn import IndexedDigits, LitKNN  # noqa: E402
 
@@ -39,9 +37,7 @@ def run_validate(devices: int, root: str) -> dict:
         model.net.head.write(model.net.encoder(train.x.view(-1, 1, 8, 8)), train.y, torch.arange(len(train)))
     probes = ProbeSet(inputs=val_x[:4].view(-1, 1, 8, 8), targets=val_y[:4], indices=torch.arange(4))
     gallery = NeighborGallery(k=3, train_dataset=train, probes=probes, max_overhead=None, strict=True)
-    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                      logger=TensorBoardLogger(root, name="tb"), enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[gallery], default_root_dir=root)
+    trainer = _ddp.trainer(devices, root, [gallery])
     trainer.validate(model, DataLoader(val, batch_size=32), verbose=False)
     return {
         "rank": trainer.global_rank,
@@ -51,13 +47,8 @@ def run_validate(devices: int, root: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--root", required=True)
-    args = parser.parse_args()
-    result = run_validate(args.devices, args.root)
-    Path(f"{args.out}.rank{result['rank']}.json").write_text(json.dumps(result))
+    args = _ddp.script_arguments().parse_args()
+    _ddp.write_result(args.out, run_validate(args.devices, args.root))
 
 
 if __name__ == "__main__":

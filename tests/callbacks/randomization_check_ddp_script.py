@@ -1,7 +1,7 @@
-"""RandomizationSanityCheck under DDP (gloo, CPU processes): ``python randomization_check_ddp_script.py --out DIR
-[--devices N] [--fail-on-rank-zero]``.
+"""RandomizationSanityCheck under DDP (gloo, CPU processes): ``python randomization_check_ddp_script.py --out OUT
+--root DIR [--devices N] [--fail-on-rank-zero]``.
 
-Lightning relaunches this file for rank 1. Each rank writes ``DIR/rank<r>.json`` with its probes, the methods of its
+Lightning relaunches this file for rank 1. Each rank writes ``OUT.rank<r>.json`` with its probes, the methods of its
 last report, the epochs it finished and the warnings it saw; rank 0's TensorBoard logs go to ``DIR/tb``. With
 ``--fail-on-rank-zero`` one method raises on rank 0 once the check randomizes the model (after the dry run at setup
 passed): a method failing on one rank.
@@ -9,20 +9,23 @@ passed): a method failing on one rank.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import torch
-from pytorch_lightning import Trainer, seed_everything
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning import seed_everything
 from torch.utils.data import DataLoader, Subset
 
 from lightning_lens.attribution import Gradient
 from lightning_lens.callbacks import RandomizationSanityCheck
 from lightning_lens.datasets import SpuriousDigits
 from lightning_lens.testing import LitClassifier, SmallCNN
+
+# tests/_ddp.py: tests/ is on sys.path under pytest (tests/conftest.py), not in this subprocess
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _ddp  # noqa: E402
 
 
 class FailsOnRankZero(Gradient):
@@ -39,9 +42,7 @@ class FailsOnRankZero(Gradient):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--devices", type=int, default=2)
+    parser = _ddp.script_arguments()
     parser.add_argument("--fail-on-rank-zero", action="store_true")
     args = parser.parse_args()
     seed_everything(0)
@@ -50,18 +51,8 @@ def main() -> None:
     module = LitClassifier(model=SmallCNN(width=4))
     methods = ["gradient"] + ([FailsOnRankZero(module)] if args.fail_on_rank_zero else [])
     cb = RandomizationSanityCheck(methods=methods, num_probes=4, every_n_epochs=1, grid_probes=1, max_overhead=None)
-    trainer = Trainer(
-        strategy="ddp" if args.devices > 1 else "auto",
-        accelerator="cpu",
-        devices=args.devices,
-        max_epochs=2,
-        logger=TensorBoardLogger(args.out, name="tb", version=0),
-        callbacks=[cb],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = _ddp.trainer(args.devices, args.root, [cb], max_epochs=2, enable_checkpointing=False,
+                           num_sanity_val_steps=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, DataLoader(train, batch_size=16), DataLoader(val, batch_size=16))
@@ -72,8 +63,7 @@ def main() -> None:
         "reported": None if cb.last_report is None else cb.last_report.methods,
         "warnings": [str(w.message) for w in caught if "RandomizationSanityCheck" in str(w.message)],
     }
-    with open(os.path.join(args.out, f"rank{trainer.global_rank}.json"), "w") as f:
-        json.dump(result, f)
+    _ddp.write_result(args.out, result)
 
 
 if __name__ == "__main__":

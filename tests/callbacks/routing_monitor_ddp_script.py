@@ -8,24 +8,22 @@ without sample indices (the monitor's rank-safe position ids are used); ``--fail
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lightning_lens._pl import Trainer
 from lightning_lens.callbacks import RoutingMonitor
 from lightning_lens.interpretable_models import MixtureOfExperts
 from lightning_lens.testing import LitClassifier
 
-# the data set lives in tests/_data.py; tests/ is on sys.path under pytest (tests/conftest.py), not in this subprocess
+# the data set and the DDP scaffolding live in tests/_data.py and tests/_ddp.py; tests/ is on sys.path under pytest
+# (tests/conftest.py), not in this subprocess
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _ddp  # noqa: E402
 from _data import FlatDigits  # noqa: E402
 
 NUM_SAMPLES = 539
@@ -50,9 +48,7 @@ def run_validate(devices: int, root: str, tuples: bool = False, fail_rank: Optio
     net = nn.Sequential(nn.LayerNorm(64), MixtureOfExperts(64, 32, 4, k=2, noise_seed=0), nn.ReLU(), nn.Linear(32, 10))
     model = LitClassifier(net, num_classes=10)
     monitor = RoutingMonitor(ablation_every_n_epochs=1, ablation_samples=200, forward_fn=FailOnRank(fail_rank))
-    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                      logger=TensorBoardLogger(root, name="tb"), enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[monitor], default_root_dir=root)
+    trainer = _ddp.trainer(devices, root, [monitor])
     digits = FlatDigits("val")
     data = (TensorDataset(digits.x[:NUM_SAMPLES], digits.y[:NUM_SAMPLES]) if tuples
             else Subset(digits, range(NUM_SAMPLES)))
@@ -70,15 +66,11 @@ def run_validate(devices: int, root: str, tuples: bool = False, fail_rank: Optio
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--root", required=True)
+    parser = _ddp.script_arguments()
     parser.add_argument("--tuples", action="store_true")
     parser.add_argument("--fail-rank", type=int, default=None)
     args = parser.parse_args()
-    result = run_validate(args.devices, args.root, tuples=args.tuples, fail_rank=args.fail_rank)
-    Path(f"{args.out}.rank{result['rank']}.json").write_text(json.dumps(result))
+    _ddp.write_result(args.out, run_validate(args.devices, args.root, tuples=args.tuples, fail_rank=args.fail_rank))
 
 
 if __name__ == "__main__":

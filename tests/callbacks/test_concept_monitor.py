@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import math
-import os
-import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
+import _ddp
 import pytest
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -430,26 +425,13 @@ def test_state_key_tells_monitors_of_two_models_apart():
 def test_ddp_two_processes_log_the_same_numbers_as_one(tmp_path):
     """2 gloo processes vs 1 on 301 validation digits without an index key (the DistributedSampler repeats one):
     rank-safe position ids drop the repeat and put rows in the same order, so every logged number is equal."""
-    here = Path(__file__).parent
-    spec = importlib.util.spec_from_file_location("concept_monitor_ddp_script", here / "concept_monitor_ddp_script.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    one = script.run_validate(devices=1, root=str(tmp_path / "one"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore")
-    out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, str(here / "concept_monitor_ddp_script.py"), "--devices", "2",
-                           "--out", str(out), "--root", str(tmp_path / "two")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0 = json.loads(Path(f"{out}.rank0.json").read_text())
+    script = Path(__file__).with_name("concept_monitor_ddp_script.py")
+    one = _ddp.load_script(script).run_validate(devices=1, root=str(tmp_path / "one"))
+    rank0, _ = _ddp.run(script, tmp_path / "two")
     assert rank0["num_samples"] == one["num_samples"] == 301
     assert rank0["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
     event_files = list((tmp_path / "two").rglob("events.out.tfevents.*"))
     assert len(event_files) == 1  # only rank zero logs
-    logged = {k: v for k, v in script.read_scalars(str(event_files[0].parent)).items() if k.startswith("concepts/")}
+    logged = {k: v for k, v in _ddp.read_scalars(str(event_files[0].parent)).items() if k.startswith("concepts/")}
     assert set(logged) == set(one["metrics"])
     assert logged == pytest.approx({k: one["logged"][k] for k in logged}, abs=1e-6)

@@ -4,16 +4,11 @@ isolation, and 2 DDP processes against 1."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
+import _ddp
 import pytest
 import torch
 from _knn import IndexedDigits, LitKNN
@@ -214,23 +209,10 @@ def test_state_key_and_state_round_trip(knn_data):
 def test_ddp_two_processes_evaluate_the_same_rows_as_one(tmp_path):
     # regression: without an index key, ids were batch_idx * batch_size on every rank: they collided across ranks
     # and de-duplication silently dropped half of the rows
-    here = Path(__file__).parent
-    spec = importlib.util.spec_from_file_location("neighbor_gallery_ddp_script",
-                                                  here / "neighbor_gallery_ddp_script.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script_path = Path(__file__).with_name("neighbor_gallery_ddp_script.py")
+    script = _ddp.load_script(script_path)
     one = script.run_validate(devices=1, root=str(tmp_path / "one"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore")
-    out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, str(here / "neighbor_gallery_ddp_script.py"), "--devices", "2",
-                           "--out", str(out), "--root", str(tmp_path / "two")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = _ddp.run(script_path, tmp_path / "two")
     assert one["metrics"]["eval_samples"] == script.NUM_VAL  # every row, the repeated one once
     assert ranks[0]["neighbors"] == one["neighbors"]  # the same gallery rows
     assert ranks[0]["metrics"].keys() == one["metrics"].keys()

@@ -8,12 +8,11 @@ import glob
 import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import warnings
 from pathlib import Path
 
+import _ddp
 import pytest
 import torch
 from pytorch_lightning import Trainer
@@ -407,20 +406,10 @@ def test_constructor_validates_arguments():
 DDP_SCRIPT = Path(__file__).with_name("randomization_check_ddp_script.py")
 
 
-def _run_ddp(out: Path, *args: str) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    # a timeout, not a hang: a rank that dies or waits forever in a collective fails the test
-    proc = subprocess.run([sys.executable, str(DDP_SCRIPT), "--out", str(out), *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-
-
 @pytest.mark.slow
 def test_ddp_a_method_failing_on_rank_zero_neither_hangs_nor_kills_rank_one(tmp_path):
-    (single,) = _run_ddp(tmp_path / "one", "--devices", "1")
-    ranks = _run_ddp(tmp_path / "two", "--devices", "2", "--fail-on-rank-zero")
+    (single,) = _ddp.run(DDP_SCRIPT, tmp_path / "one", devices=1)
+    ranks = _ddp.run(DDP_SCRIPT, tmp_path / "two", "--fail-on-rank-zero")
     assert [r["rank"] for r in ranks] == [0, 1]
     assert [r["epochs"] for r in ranks] == [2, 2]  # both ranks finished the fit
     # the probes are drawn by global dataset position: the same on both ranks and in one process

@@ -1,15 +1,10 @@
 """RoutingMonitor end to end: what it logs to TensorBoard, that it leaves training alone, ablation, collapse, errors."""
 
-import importlib.util
-import json
 import logging
-import os
-import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
+import _ddp
 import pytest
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -307,24 +302,13 @@ def test_a_failing_ablation_is_reported_and_the_statistics_are_still_logged(tmp_
     assert "switched off after 3 failures" in failures[-1] and monitor.disabled == {"ablation"}
     assert monitor.last_ablation == {}
     assert len(_events(logger).Scalars("moe/model.1/nmi")) == 3  # the rest of the monitor kept running
+DDP_SCRIPT = Path(__file__).with_name("routing_monitor_ddp_script.py")
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_report_the_same_routing_as_one(tmp_path):
-    here = Path(__file__).parent
-    spec = importlib.util.spec_from_file_location("routing_monitor_ddp_script", here / "routing_monitor_ddp_script.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    one = script.run_validate(devices=1, root=str(tmp_path / "one"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore")
-    out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, str(here / "routing_monitor_ddp_script.py"), "--devices", "2",
-                           "--out", str(out), "--root", str(tmp_path / "two")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    one = _ddp.load_script(DDP_SCRIPT).run_validate(devices=1, root=str(tmp_path / "one"))
+    ranks = _ddp.run(DDP_SCRIPT, tmp_path / "two")
     assert one["num_tokens"] == 539  # the repeated sample is dropped
     # the 200 ablation samples are the same 200 as in one process (before: the first 200 of each rank, 400 in all)
     assert sum(one["support"]) == 200 and one["support"] == ranks[0]["support"]
@@ -332,38 +316,25 @@ def test_ddp_two_processes_report_the_same_routing_as_one(tmp_path):
         assert {k: v for k, v in rank.items() if k != "rank"} == {k: v for k, v in one.items() if k != "rank"}
     event_files = list((tmp_path / "two").rglob("events.out.tfevents.*"))
     assert len(event_files) == 1  # only rank zero logs
-    acc = EventAccumulator(str(event_files[0].parent), size_guidance={"scalars": 0})
-    acc.Reload()
-    assert acc.Scalars("moe/model.1/nmi")[-1].value == pytest.approx(one["nmi"], rel=1e-5)
-    one_acc = EventAccumulator(str(next((tmp_path / "one").rglob("events.out.tfevents.*")).parent),
-                               size_guidance={"scalars": 0})
-    one_acc.Reload()
-    tags = [t for t in one_acc.Tags()["scalars"] if t.startswith("moe/")]
-    assert len(tags) == 21 and set(tags) == {t for t in acc.Tags()["scalars"] if t.startswith("moe/")}
+    logged = _ddp.read_scalars(str(event_files[0].parent))
+    assert logged["moe/model.1/nmi"] == pytest.approx(one["nmi"], rel=1e-5)
+    one_logged = _ddp.read_scalars(str(next((tmp_path / "one").rglob("events.out.tfevents.*")).parent))
+    tags = [t for t in one_logged if t.startswith("moe/")]
+    assert len(tags) == 21 and set(tags) == {t for t in logged if t.startswith("moe/")}
     for tag in tags:  # the same logged numbers
-        assert acc.Scalars(tag)[-1].value == pytest.approx(one_acc.Scalars(tag)[-1].value, rel=1e-6, abs=1e-9), tag
+        assert logged[tag] == pytest.approx(one_logged[tag], rel=1e-6, abs=1e-9), tag
 
 
 @pytest.mark.slow
 def test_ddp_a_failure_on_one_rank_neither_hangs_nor_kills_the_other(tmp_path):
     """Rank 1's forward_fn raises in the ablation: both ranks finish, skip the ablation together and still log the
     routing of a 1-process run (batches without sample indices: rank-safe position ids)."""
-    here = Path(__file__).parent
-    spec = importlib.util.spec_from_file_location("routing_monitor_ddp_script", here / "routing_monitor_ddp_script.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    one = script.run_validate(devices=1, root=str(tmp_path / "one"), tuples=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    one = _ddp.load_script(DDP_SCRIPT).run_validate(devices=1, root=str(tmp_path / "one"), tuples=True)
     out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, str(here / "routing_monitor_ddp_script.py"), "--devices", "2",
-                           "--out", str(out), "--root", str(tmp_path / "two"), "--tuples", "--fail-rank", "1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _ddp.launch(DDP_SCRIPT, "--devices", "2", "--out", str(out), "--root", str(tmp_path / "two"), "--tuples",
+                       "--fail-rank", "1", cwd=tmp_path, quiet=False)  # the failure is read from stderr
     assert "'ablation' failed at epoch 0 with RuntimeError: rank 1 broke" in proc.stderr
-    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = _ddp.read_results(out)
     for rank in ranks:
         assert rank["support"] is None  # skipped on both ranks
         assert rank["num_tokens"] == one["num_tokens"] == 539 and rank["nmi"] == one["nmi"]

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import _ddp
 import pytest
 
 SCRIPT = Path(__file__).with_name("saliency_maps_ddp_script.py")
 
 
-def _run(out: Path, *args: str) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    # a timeout, not a hang: a rank that dies or waits forever in a collective fails the test
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-
-
 @pytest.mark.slow
 def test_ddp_probes_are_the_one_process_probes_and_only_rank_zero_logs(tmp_path, read_tensorboard):
-    (single,) = _run(tmp_path / "one", "--devices", "1")
-    ranks = _run(tmp_path / "two", "--devices", "2")
+    (single,) = _ddp.run(SCRIPT, tmp_path / "one", devices=1)
+    ranks = _ddp.run(SCRIPT, tmp_path / "two")
     assert [r["rank"] for r in ranks] == [0, 1]
     # drawn by global dataset position on every rank: the same 6 probes as one process (not rank 0's shard)
     assert ranks[0]["probe_indices"] == ranks[1]["probe_indices"] == single["probe_indices"]
@@ -40,7 +27,7 @@ def test_ddp_probes_are_the_one_process_probes_and_only_rank_zero_logs(tmp_path,
 
 @pytest.mark.slow
 def test_ddp_a_callable_failing_on_rank_zero_neither_hangs_nor_kills_rank_one(tmp_path, read_tensorboard):
-    ranks = _run(tmp_path, "--devices", "2", "--fail-denormalize")
+    ranks = _ddp.run(SCRIPT, tmp_path, "--fail-denormalize")
     assert [r["rank"] for r in ranks] == [0, 1]
     assert [r["epochs"] for r in ranks] == [2, 2]  # both ranks finished the fit
     (report, *_) = [w for w in ranks[0]["warnings"] if "denormalize broke on rank 0" in w]

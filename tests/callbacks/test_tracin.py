@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
+import _ddp
 import pytest
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -20,10 +16,8 @@ from lightning_lens._pl import Trainer
 from lightning_lens.callbacks import TracInCallback
 from lightning_lens.influence import TracInCP, TracInCPFast, precision_at_k
 
-HERE = Path(__file__).parent
-_spec = importlib.util.spec_from_file_location("tracin_ddp_script", HERE / "tracin_ddp_script.py")
-script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(script)
+DDP_SCRIPT = Path(__file__).with_name("tracin_ddp_script.py")
+script = _ddp.load_script(DDP_SCRIPT)
 FlippedDigits, make_module = script.FlippedDigits, script.make_module
 
 
@@ -216,17 +210,7 @@ def test_validate_runs_and_scores_nothing(digits, tmp_path):
 
 def test_ddp_two_processes_score_the_same_as_one(tmp_path):
     one = script.run_fit(devices=1, root=str(tmp_path / "one"))["report"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore")
-    out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, str(HERE / "tracin_ddp_script.py"), "--devices", "2", "--out", str(out),
-                           "--root", str(tmp_path / "two")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = _ddp.run(DDP_SCRIPT, tmp_path / "two")
     two = ranks[0]["report"]
     assert ranks[1]["report"] is None  # rank one scored its shard and handed it over
     assert one["planned"] == two["planned"] == script.NUM_SCORED

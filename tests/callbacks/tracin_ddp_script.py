@@ -10,19 +10,21 @@ report is written to ``--out`` as JSON (rank one writes what it holds: nothing).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_lens._pl import Trainer
 from lightning_lens.callbacks import TracInCallback
 from lightning_lens.datasets import SpuriousDigits
 from lightning_lens.lightning_modules import LitClassifier
+
+# tests/_ddp.py: tests/ is on sys.path under pytest (tests/conftest.py), not in this subprocess
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _ddp  # noqa: E402
 
 NUM_TRAIN, NUM_SCORED, STEP_BATCH = 96, 95, 32
 
@@ -60,10 +62,8 @@ def run_fit(devices: int, root: str) -> dict:
     train, val = FlippedDigits(NUM_TRAIN), FlippedDigits(40, 0.0, "val")
     callback = TracInCallback(every_n_epochs=1, max_train_samples=NUM_SCORED, num_probes=4, k=3, batch_size=16,
                               max_overhead=None, strict=True)
-    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=2,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      callbacks=[callback], default_root_dir=root)
+    trainer = _ddp.trainer(devices, root, [callback], max_epochs=2, logger=False, enable_checkpointing=False,
+                           use_distributed_sampler=False, num_sanity_val_steps=0)
     rank = int(os.environ.get("LOCAL_RANK", 0))  # the launcher sets it in the processes it starts
     shard = list(range(rank, NUM_TRAIN, devices))
     trainer.fit(make_module(), DataLoader(train, batch_size=STEP_BATCH // devices, sampler=shard),
@@ -89,13 +89,8 @@ def run_fit(devices: int, root: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--root", required=True)
-    args = parser.parse_args()
-    result = run_fit(args.devices, args.root)
-    Path(f"{args.out}.rank{result['rank']}.json").write_text(json.dumps(result))
+    args = _ddp.script_arguments().parse_args()
+    _ddp.write_result(args.out, run_fit(args.devices, args.root))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,12 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import nn
 
-from lightning_lens.interpretable_models.knn import KNNHead, conformal_p_values, conformal_prediction
+from lightning_lens.interpretable_models.knn import (
+    KNNHead,
+    _fit_calibration_scores,
+    conformal_p_values,
+    conformal_prediction,
+)
 from lightning_lens.utils.checks import check_instance, check_int
 from lightning_lens.utils.modules import preserve_modes, resolve_module
 
@@ -104,10 +109,7 @@ class DeepKNN(nn.Module):
         self, state_dict: Mapping[str, Any], prefix: str, local_metadata: Any, strict: bool, missing_keys: list,
         unexpected_keys: list, error_msgs: list,
     ) -> None:
-        # one calibration score per calibration example: take the checkpoint's length
-        scores = state_dict.get(prefix + "calibration_scores")
-        if isinstance(scores, torch.Tensor) and scores.shape != self.calibration_scores.shape:
-            self.calibration_scores = torch.empty_like(scores, device=self.calibration_scores.device)
+        _fit_calibration_scores(self, state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

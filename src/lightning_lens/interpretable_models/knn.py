@@ -79,6 +79,16 @@ def _exact_topk(
     return best_sim, best_pos
 
 
+def _fit_calibration_scores(module: nn.Module, state_dict: Mapping[str, Any], prefix: str) -> None:
+    """Resize ``module.calibration_scores`` to the checkpoint's before loading it (before ``_load_from_state_dict``).
+
+    The buffer has one entry per calibration example, so its length is the checkpoint's, not the constructor's.
+    """
+    scores = state_dict.get(prefix + "calibration_scores")
+    if isinstance(scores, torch.Tensor) and scores.shape != module.calibration_scores.shape:
+        module.calibration_scores = torch.empty_like(scores, device=module.calibration_scores.device)
+
+
 def conformal_p_values(nonconformity: torch.Tensor, calibration_scores: torch.Tensor) -> torch.Tensor:
     """DkNN p-values (Papernot & McDaniel 2018): for each query and class, the fraction of calibration scores at least
     as large as the query's nonconformity for that class. ``nonconformity`` is ``(B, C)``; returns ``(B, C)``.
@@ -195,10 +205,7 @@ class KNNHead(nn.Module):
         self, state_dict: Mapping[str, Any], prefix: str, local_metadata: Any, strict: bool, missing_keys: list,
         unexpected_keys: list, error_msgs: list,
     ) -> None:
-        # the calibration scores have one entry per calibration example: take the checkpoint's length
-        scores = state_dict.get(prefix + "calibration_scores")
-        if isinstance(scores, torch.Tensor) and scores.shape != self.calibration_scores.shape:
-            self.calibration_scores = torch.empty_like(scores, device=self.calibration_scores.device)
+        _fit_calibration_scores(self, state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

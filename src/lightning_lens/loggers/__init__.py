@@ -6,26 +6,6 @@ files under ``<log_dir>/lens/<tag>/``. Only rank zero logs. Tags are confined un
 (:func:`sanitize_tag`), HTML in markdown is escaped, and a logger that fails does not stop the others.
 """
 
-from lightning_lens.loggers.sinks import (
-    log_figure,
-    log_image,
-    log_json,
-    log_scalars,
-    log_table,
-    log_text,
-    logging_step,
-    sanitize_tag,
-    table_to_markdown,
-)
-
-__all__ = [
-    "log_figure",
-    "log_image",
-    "log_json",
-    "log_scalars",
-    "log_table",
-    "log_text",
-    "logging_step",
-    "sanitize_tag",
-    "table_to_markdown",
-]
+# the package exports exactly sinks' public names (one list to keep up to date)
+from lightning_lens.loggers.sinks import *  # noqa: F401,F403
+from lightning_lens.loggers.sinks import __all__  # noqa: F401

@@ -5,6 +5,8 @@ Rendering is for display only: raw attributions (for similarity metrics, sanity 
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Sequence
 from typing import Optional, Union
 
@@ -137,10 +139,22 @@ def normalize_attribution(
 def _lut(cmap: Union[str, Colormap], n: int) -> np.ndarray:
     check_instance(cmap, "cmap", (str, Colormap), hint="a matplotlib colormap name or object")
     if isinstance(cmap, str):
-        try:
-            cmap = colormaps[cmap]
-        except KeyError as err:
-            raise ValueError(f"cmap={cmap!r} is not a matplotlib colormap name") from err
+        return _named_lut(cmap, n)  # resampling a colormap costs more than colouring a small map: build it once
+    return _resampled_lut(cmap, n)
+
+
+@functools.lru_cache(maxsize=32)
+def _named_lut(name: str, n: int) -> np.ndarray:
+    try:
+        cmap = colormaps[name]
+    except KeyError as err:
+        raise ValueError(f"cmap={name!r} is not a matplotlib colormap name") from err
+    lut = _resampled_lut(cmap, n)
+    lut.flags.writeable = False  # shared by every call
+    return lut
+
+
+def _resampled_lut(cmap: Colormap, n: int) -> np.ndarray:
     rgba = cmap.resampled(n)(np.arange(n))
     return np.round(np.asarray(rgba)[:, :3] * 255.0).astype(np.uint8)
 
