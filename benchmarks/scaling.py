@@ -8,10 +8,19 @@ Parts (``--part slices|attribution|all``):
   own process; we report the wall time of ``find`` and the process's peak RSS (``ru_maxrss``), with the RSS before
   the search (libraries and data) beside it. ``sliceline`` (the ``dev`` extra) runs the same search at 1M rows for
   comparison, in its own process with a time limit.
-- **attribution**: not in this file yet (another part of issue 19 adds it).
+- **attribution**: SmoothGrad and Integrated Gradients at their default chunking (``batch_size=None``: blocks within
+  ``DEFAULT_ELEMENT_BUDGET`` input elements) on :class:`~lightning_lens.testing.models.SmallCNN` (3 input channels,
+  width 16, classifier sized for the input), from batch 1 to 512 at 3x32x32 and from 32x32 to 224x224 at batch 8,
+  with Captum's defaults beside when it is installed (``NoiseTunnel(Saliency)`` with ``nt_samples`` = our
+  ``n_samples``, ``IntegratedGradients`` with ``n_steps`` = ours and no ``internal_batch_size``). Each (tool, method,
+  batch, side) runs in its own process: peak memory is that process's ``ru_maxrss`` after the first call minus its
+  ``ru_maxrss`` just before it (libraries, model and inputs loaded); time is a second call, also given per
+  (example x sample). ``--attr-samples`` (default 8, below the methods' default of 50 to keep this part to a few
+  minutes; the memory at defaults does not depend on it since blocks are bounded) sets both ``n_samples`` and
+  ``n_steps``.
 
 Run: ``python benchmarks/scaling.py --part slices`` (about 3-6 minutes on 2 cores; ``--max-rows 1000000`` to skip
-10M rows, ``--no-sliceline`` to skip the comparison).
+10M rows, ``--no-sliceline`` to skip the comparison); ``--part attribution`` (about 2-4 minutes).
 """
 
 from __future__ import annotations
@@ -127,9 +136,101 @@ def slices_part(max_rows: int, sliceline: bool) -> list[dict[str, Any]]:
     return results
 
 
-def attribution_part() -> None:
-    """Attribution time and peak memory against batch and input size (added by the attribution work of issue 19)."""
-    print("attribution: not in this file yet")
+ATTR_BATCHES = (1, 8, 64, 512)  # at 3x32x32
+ATTR_SIDES = (32, 64, 128, 224)  # at batch 8
+
+
+def _attr_worker(tool: str, method: str, batch: int, side: int, samples: int) -> dict[str, Any]:
+    """One attribution measurement, in this (fresh) process."""
+    import torch
+
+    from lightning_lens.testing.models import SmallCNN
+
+    # one thread: on 2 cores shared with other jobs, 2 OpenMP threads made small blocks up to 25x slower (spinning)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=3, num_classes=10, input_size=side).eval()
+    x = torch.randn(batch, 3, side, side)
+    target = torch.arange(batch) % 10
+    if tool == "lightning_lens":
+        from lightning_lens.attribution import IntegratedGradients, SmoothGrad
+
+        if method == "smoothgrad":
+            explainer = SmoothGrad(model, n_samples=samples)
+        else:
+            explainer = IntegratedGradients(model, n_steps=samples)
+
+        def run() -> torch.Tensor:
+            return explainer.attribute(x, target=target)
+    else:
+        from captum.attr import IntegratedGradients as CaptumIG
+        from captum.attr import NoiseTunnel, Saliency
+
+        if method == "smoothgrad":
+            tunnel = NoiseTunnel(Saliency(model))
+
+            def run() -> torch.Tensor:
+                return tunnel.attribute(x, nt_type="smoothgrad", nt_samples=samples, stdevs=0.15, target=target)
+        else:
+            ig = CaptumIG(model)
+
+            def run() -> torch.Tensor:
+                return ig.attribute(x, target=target, n_steps=samples)
+    before = _peak_mib()
+    run()
+    peak = _peak_mib() - before
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    return {"tool": tool, "method": method, "batch": batch, "side": side, "samples": samples, "seconds": seconds,
+            "peak_mib": peak, "base_mib": before}
+
+
+def _attr_measure(tool: str, method: str, batch: int, side: int, samples: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--attr-worker", tool, "--method", method, "--batch", str(batch),
+           "--side", str(side), "--attr-samples", str(samples)]
+    head = {"tool": tool, "method": method, "batch": batch, "side": side, "samples": samples}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return {**head, "error": "did not finish within 300 s"}
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if proc.returncode == -9:
+            last = "killed (SIGKILL: out of memory?)"
+        return {**head, "error": f"failed (exit {proc.returncode}): {last}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _attr_line(r: dict[str, Any]) -> str:
+    head = f"{r['tool']:<15} {r['method']:<11} batch {r['batch']:>4}  {r['side']:>3}x{r['side']:<3}  "
+    if "error" in r:
+        return head + r["error"]
+    per = r["seconds"] / (r["batch"] * r["samples"]) * 1e3
+    return (head + f"peak +{r['peak_mib']:7.1f} MiB  {r['seconds']:7.3f} s  {per:7.3f} ms per (example x sample)"
+            f"  (baseline {r['base_mib']:.0f} MiB)")
+
+
+def attribution_part(samples: int) -> list[dict[str, Any]]:
+    """Attribution time and peak memory against batch and input size, with Captum's defaults beside."""
+    try:
+        import captum  # noqa: F401
+
+        tools = ["lightning_lens", "captum"]
+    except ImportError:
+        tools = ["lightning_lens"]
+        print("captum is not installed: no comparison")
+    print(f"attribution: SmallCNN(3 channels, width 16), n_samples = n_steps = {samples} (the methods' default is 50;"
+          " fewer here to keep this part short), default batch_size, 1 thread; one process per measurement; peak = ru_maxrss"
+          " growth during the first call", flush=True)
+    configs = [(b, 32) for b in ATTR_BATCHES] + [(8, s) for s in ATTR_SIDES if s != 32]
+    results = []
+    for method in ("smoothgrad", "integrated_gradients"):
+        for batch, side in configs:
+            for tool in tools:
+                results.append(_attr_measure(tool, method, batch, side, samples))
+                print(_attr_line(results[-1]), flush=True)
+    return results
 
 
 def main() -> None:
@@ -140,7 +241,15 @@ def main() -> None:
     parser.add_argument("--worker", choices=["lightning_lens", "sliceline"], help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--attr-samples", type=int, default=8, help="n_samples / n_steps of the attribution part")
+    parser.add_argument("--attr-worker", choices=["lightning_lens", "captum"], help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=["smoothgrad", "integrated_gradients"], help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--side", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.attr_worker:
+        print(json.dumps(_attr_worker(args.attr_worker, args.method, args.batch, args.side, args.attr_samples)))
+        return
     if args.worker:
         print(json.dumps(_slice_worker(args.rows, args.depth, args.worker)))
         return
@@ -148,7 +257,7 @@ def main() -> None:
     if args.part in ("slices", "all"):
         slices_part(args.max_rows, not args.no_sliceline)
     if args.part in ("attribution", "all"):
-        attribution_part()
+        attribution_part(args.attr_samples)
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

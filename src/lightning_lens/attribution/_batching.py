@@ -11,10 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple, Optional
 
+import torch
+from torch import nn
+
+from lightning_lens.attribution.base import forward_logits
 from lightning_lens.utils.checks import check_int
 
 #: the default cap on the number of input *elements* one block may hold (rows x elements per row), rounded down to
-#: whole samples of the batch but never below one sample of the whole batch. 2**16 float32 elements are 256 kB of
+#: whole samples of the batch when one sample of the whole batch fits, else a slice of the batch (at least one
+#: example), so a block's memory stays bounded whatever the batch size (issue 19). 2**16 float32 elements are 256 kB of
 #: input: for a batch of 32 images of 3x32x32 one sample per forward (32 rows), of 1x32x32 two samples (64 rows), for
 #: a single 3x32x32 image 21 rows. Activation memory grows with the input size, so an element budget keeps a block's
 #: memory roughly constant across input sizes. On CPU, larger blocks run *slower* per row (activations fall out of
@@ -44,10 +49,32 @@ def default_rows(elements_per_row: int) -> int:
 
 
 def resolve_batch_size(batch_size: Optional[int], batch: int, elements_per_row: int) -> int:
-    """Rows per forward: ``batch_size`` if given, else the element budget rounded down to whole samples of the batch."""
+    """Rows per forward: ``batch_size`` if given, else the element budget's rows.
+
+    The budget's rows are rounded down to whole samples of the batch when at least one sample of the whole batch fits;
+    otherwise they are fewer than the batch and each block holds one sample of a slice of the examples, so no block
+    exceeds the budget (except a single row larger than it) however large the batch.
+
+    Example:
+        >>> resolve_batch_size(None, 8, 3 * 32 * 32), resolve_batch_size(None, 64, 3 * 32 * 32)
+        (16, 21)
+        >>> resolve_batch_size(None, 4, 3 * 224 * 224), resolve_batch_size(5, 4, 10)
+        (1, 5)
+    """
     if batch_size is not None:
         return batch_size
-    return max(batch, (default_rows(elements_per_row) // batch) * batch)
+    rows = default_rows(elements_per_row)
+    return (rows // batch) * batch if rows >= batch else rows
+
+
+def logits_in_blocks(model: nn.Module, inputs: torch.Tensor, rows: int) -> torch.Tensor:
+    """``forward_logits(model, inputs)`` run on slices of at most ``rows`` examples (bounded activation memory).
+
+    Each slice is cloned first: the model may modify its input in place.
+    """
+    if inputs.shape[0] <= rows:
+        return forward_logits(model, inputs.clone())
+    return torch.cat([forward_logits(model, inputs[b0 : b0 + rows].clone()) for b0 in range(0, inputs.shape[0], rows)])
 
 
 def blocks(n_samples: int, batch: int, batch_size: int) -> Iterator[Block]:

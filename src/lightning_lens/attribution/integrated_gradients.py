@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_lens.attribution._batching import blocks, check_batch_size, resolve_batch_size
+from lightning_lens.attribution._batching import blocks, check_batch_size, logits_in_blocks, resolve_batch_size
 from lightning_lens.attribution.base import (
     Attribution,
     Target,
@@ -202,7 +202,7 @@ class IntegratedGradients(Attribution):
         ref = self._baseline_for(baseline, x)
         if return_convergence_delta or target is None:
             with torch.no_grad():
-                logits = forward_logits(self.model, x.clone())
+                logits = logits_in_blocks(self.model, x, resolve_batch_size(batch_size, x.shape[0], x[0].numel()))
                 resolved = resolve_target(target, logits)
         else:  # no forward needed here: the first path block checks the classes against the model's output
             resolved = per_example_target(target, x.shape[0], x.device)

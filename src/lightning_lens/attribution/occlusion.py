@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from lightning_lens.attribution._batching import blocks, check_batch_size, resolve_batch_size
+from lightning_lens.attribution._batching import blocks, check_batch_size, logits_in_blocks, resolve_batch_size
 from lightning_lens.attribution.base import Attribution, Target, forward_logits, target_scores
 from lightning_lens.utils import resolve_target
 
@@ -163,15 +163,15 @@ class Occlusion(Attribution):
                     ) from None
             else:
                 fill = torch.full_like(x, float(baseline))
-            logits = forward_logits(self.model, x.clone())  # the model may modify its input in place
+            batch = x.shape[0]
+            rows = resolve_batch_size(batch_size, batch, x[0].numel())
+            logits = logits_in_blocks(self.model, x, rows)  # clones each slice: the model may modify its input
             resolved = resolve_target(target, logits)
             clean = target_scores(logits, resolved)
             windows = [
                 tuple(slice(k * s, k * s + w) for k, s, w in zip(pos, strides, win))
                 for pos in itertools.product(*(range(c) for c in counts))
             ]
-            batch = x.shape[0]
-            rows = resolve_batch_size(batch_size, batch, x[0].numel())
             total = torch.zeros_like(x)
             covered = torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device)
             for blk in blocks(len(windows), batch, rows):

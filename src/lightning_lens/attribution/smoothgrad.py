@@ -8,8 +8,8 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from lightning_lens.attribution._batching import blocks, check_batch_size, resolve_batch_size
-from lightning_lens.attribution.base import Attribution, Target, forward_logits, input_gradients
+from lightning_lens.attribution._batching import blocks, check_batch_size, logits_in_blocks, resolve_batch_size
+from lightning_lens.attribution.base import Attribution, Target, input_gradients
 from lightning_lens.utils import resolve_target
 from lightning_lens.utils.checks import check_choice, check_int
 from lightning_lens.utils.targets import per_example_target
@@ -153,15 +153,15 @@ class SmoothGrad(Attribution):
     ) -> torch.Tensor:
         x = inputs.detach()
         batch, shape = x.shape[0], x.shape[1:]
+        rows = resolve_batch_size(batch_size, batch, x[0].numel())
         with torch.no_grad():
             if target is None:
-                resolved = resolve_target(None, forward_logits(self.model, x.clone()))
+                resolved = resolve_target(None, logits_in_blocks(self.model, x, rows))
             else:  # no forward pass needed: the first block checks the classes against the model's output
                 resolved = per_example_target(target, batch, x.device)
             flat = x.reshape(batch, -1)
             sigma = (level * (flat.max(dim=1).values - flat.min(dim=1).values)).view(batch, *([1] * len(shape)))
         gen = private_generator(seed, x.device)
-        rows = resolve_batch_size(batch_size, batch, x[0].numel())
 
         # Per-example accumulators, one cheap in-place update per block. "mean" and "squared" sum g and g^2 (no
         # cancellation to guard against); "var" merges block statistics with Chan et al.'s parallel update, exact
