@@ -11,6 +11,8 @@ from lightning_lens.attribution import IntegratedGradients
 from lightning_lens.attribution.integrated_gradients import RULES, integration_points
 from lightning_lens.testing.models import DifferenceReLUModel
 
+from _attribution_helpers import conv_model_5x5, rows_of_every_forward
+
 
 @pytest.fixture
 def linear() -> nn.Linear:
@@ -128,22 +130,8 @@ def test_defaults():
     assert (ig.n_steps, ig.method, ig.baseline, ig.name) == (50, "gausslegendre", None, "integrated_gradients")
 
 
-def _conv_model() -> nn.Module:
-    torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).eval()
-
-
-def _rows_of_every_forward(model: nn.Module, run) -> tuple[torch.Tensor, list[int]]:
-    rows: list[int] = []
-    handle = model.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
-    try:
-        return run(), rows
-    finally:
-        handle.remove()
-
-
 def test_batch_splits_equal_the_unchunked_result():
-    model, x = _conv_model(), torch.randn(6, 2, 5, 5)
+    model, x = conv_model_5x5(), torch.randn(6, 2, 5, 5)
     target = torch.tensor([0, 1, 2, 0, 1, 2])
     reference = IntegratedGradients(model, n_steps=7, batch_size=10_000).attribute(x, target=target)
     for rows in (1, 4, 5, 6, 7, 13):
@@ -157,9 +145,9 @@ def test_default_blocks_stay_within_the_element_budget_for_any_batch(budget_rows
     the same result; the clean forward that resolves ``target=None`` is split as well."""
     from lightning_lens.attribution import _batching
 
-    model, x = _conv_model(), torch.randn(6, 2, 5, 5)
+    model, x = conv_model_5x5(), torch.randn(6, 2, 5, 5)
     reference = IntegratedGradients(model, n_steps=7, batch_size=10_000).attribute(x)
     monkeypatch.setattr(_batching, "DEFAULT_ELEMENT_BUDGET", budget_rows * x[0].numel())
-    out, rows = _rows_of_every_forward(model, lambda: IntegratedGradients(model, n_steps=7).attribute(x))
+    out, rows = rows_of_every_forward(model, lambda: IntegratedGradients(model, n_steps=7).attribute(x))
     assert max(rows) <= budget_rows and sum(rows) == 6 * 7 + 6
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)

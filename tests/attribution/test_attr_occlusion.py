@@ -8,6 +8,8 @@ from torch import nn
 
 from lightning_lens.attribution import Occlusion
 
+from _attribution_helpers import conv_model_5x5, rows_of_every_forward
+
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, None])
 def test_captum_oracles_on_the_multilayer_model(multi_layer, batch_size):
@@ -90,22 +92,8 @@ def test_geometry_defaults_and_errors():
         Occlusion(nn.Linear(3, 2), window=1).attribute(torch.rand(2, 3), baseline=torch.zeros(2))
 
 
-def _conv_model() -> nn.Module:
-    torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).eval()
-
-
-def _rows_of_every_forward(model: nn.Module, run) -> tuple[torch.Tensor, list[int]]:
-    rows: list[int] = []
-    handle = model.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
-    try:
-        return run(), rows
-    finally:
-        handle.remove()
-
-
 def test_batch_splits_equal_the_unchunked_result():
-    model, x = _conv_model(), torch.randn(6, 2, 5, 5)
+    model, x = conv_model_5x5(), torch.randn(6, 2, 5, 5)
     reference = Occlusion(model, window=(2, 2, 2), stride=(2, 1, 2), batch_size=10_000).attribute(x)
     for rows in (1, 4, 5, 6, 7, 13):
         out = Occlusion(model, window=(2, 2, 2), stride=(2, 1, 2), batch_size=rows).attribute(x)
@@ -118,11 +106,11 @@ def test_default_blocks_stay_within_the_element_budget_for_any_batch(budget_rows
     same result; the clean forward is split as well."""
     from lightning_lens.attribution import _batching
 
-    model, x = _conv_model(), torch.randn(6, 2, 5, 5)
+    model, x = conv_model_5x5(), torch.randn(6, 2, 5, 5)
     occlusion = Occlusion(model, window=(2, 2, 2), stride=(2, 1, 2))
     reference = Occlusion(model, window=(2, 2, 2), stride=(2, 1, 2), batch_size=10_000).attribute(x)
     monkeypatch.setattr(_batching, "DEFAULT_ELEMENT_BUDGET", budget_rows * x[0].numel())
-    out, rows = _rows_of_every_forward(model, lambda: occlusion.attribute(x))
+    out, rows = rows_of_every_forward(model, lambda: occlusion.attribute(x))
     n_windows = 1
     for count in occlusion.geometry(x.shape[1:], (2, 2, 2), (2, 1, 2))[2]:
         n_windows *= count

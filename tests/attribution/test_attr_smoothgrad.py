@@ -8,6 +8,8 @@ from torch import nn
 
 from lightning_lens.attribution import Gradient, SmoothGrad, VarGrad
 
+from _attribution_helpers import conv_model_5x5, rows_of_every_forward
+
 
 @pytest.fixture
 def linear() -> nn.Linear:
@@ -116,25 +118,11 @@ def test_per_call_options_override_the_constructor():
                                SmoothGrad(model, n_samples=5, noise_level=0.3).attribute(x, target=0))
 
 
-def _conv_model() -> nn.Module:
-    torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).eval()
-
-
-def _rows_of_every_forward(model: nn.Module, run) -> tuple[torch.Tensor, list[int]]:
-    rows: list[int] = []
-    handle = model.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
-    try:
-        return run(), rows
-    finally:
-        handle.remove()
-
-
 @pytest.mark.parametrize("variant", ["mean", "squared", "var"])
 def test_batch_splits_equal_the_unchunked_result(variant):
     """Blocks holding one sample of a slice of the examples (batch_size < batch, not a divisor of it) see the same
     noise as whole-batch blocks: each sample's noise is drawn for the whole batch and sliced."""
-    model, x = _conv_model(), torch.randn(6, 2, 5, 5)
+    model, x = conv_model_5x5(), torch.randn(6, 2, 5, 5)
     target = torch.tensor([0, 1, 2, 0, 1, 2])
     reference = SmoothGrad(model, n_samples=5, variant=variant, batch_size=10_000).attribute(x, target=target)
     for rows in (1, 4, 5, 6, 7, 13):
@@ -148,9 +136,9 @@ def test_default_blocks_stay_within_the_element_budget_for_any_batch(budget_rows
     same result; the clean forward that resolves ``target=None`` is split as well."""
     from lightning_lens.attribution import _batching
 
-    model, x = _conv_model(), torch.randn(6, 2, 5, 5)
+    model, x = conv_model_5x5(), torch.randn(6, 2, 5, 5)
     reference = SmoothGrad(model, n_samples=5, batch_size=10_000).attribute(x)
     monkeypatch.setattr(_batching, "DEFAULT_ELEMENT_BUDGET", budget_rows * x[0].numel())
-    out, rows = _rows_of_every_forward(model, lambda: SmoothGrad(model, n_samples=5).attribute(x))
+    out, rows = rows_of_every_forward(model, lambda: SmoothGrad(model, n_samples=5).attribute(x))
     assert max(rows) <= budget_rows and sum(rows) == 6 * 5 + 6
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
