@@ -53,6 +53,7 @@ from lightning_lens.influence.checkpoints import Checkpoint, load_checkpoint
 from lightning_lens.utils.batch import BatchAccessor
 from lightning_lens.utils.checks import check_instance, check_int, check_optional, check_positive_number
 from lightning_lens.utils.modules import preserve_modes, resolve_module
+from lightning_lens.utils.rng import global_rng_preserved
 
 __all__ = ["BatchScores", "TestGradients", "TopInfluence", "TracInCP", "TracInCPFast", "global_rng_preserved"]
 
@@ -601,29 +602,6 @@ class TracInCPFast(TracInCP):
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def global_rng_preserved() -> Iterator[None]:
-    """Restore the global torch (CPU, and initialised CUDA devices), NumPy and ``random`` states on exit: reading
-    training data (sampler permutations, loader seeds, random transforms) must not move the streams training uses.
-
-    Example:
-        >>> state = torch.get_rng_state()
-        >>> with global_rng_preserved():
-        ...     _ = torch.rand(3)
-        >>> torch.equal(torch.get_rng_state(), state)
-        True
-    """
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    devices = list(range(torch.cuda.device_count())) if cuda else []
-    np_state, py_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)
-
-
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """A normal tensor (an inference-mode tensor from ``trainer.validate()`` cannot enter autograd)."""
     return t.clone() if t.is_inference() else t

@@ -9,10 +9,8 @@ without positions (an ``IterableDataset``) go through :class:`ProbePool`, a boun
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -21,6 +19,7 @@ import torch
 
 from lightning_lens.utils.batch import BatchAccessor
 from lightning_lens.utils.checks import check_int
+from lightning_lens.utils.rng import global_rng_preserved
 
 __all__ = ["ProbePool", "ProbeSet", "spread_over_classes"]
 
@@ -77,21 +76,6 @@ def spread_over_classes(candidates: torch.Tensor, labels: Optional[torch.Tensor]
                 picked.append(q[depth])
         depth += 1
     return candidates[torch.tensor(picked, dtype=torch.long)]
-
-
-@contextlib.contextmanager
-def _global_rng_preserved() -> Iterator[None]:
-    """Restore the global torch (CPU and CUDA), NumPy and ``random`` states: reading dataset items may run random
-    transforms, and a callback must not move the training's random streams."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    devices = list(range(torch.cuda.device_count())) if cuda else []
-    np_state, py_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)
 
 
 @dataclass
@@ -183,7 +167,7 @@ class ProbeSet:
         move = transfer or (lambda b: b)
         cap = min(size, max_candidates or max(_CANDIDATES_PER_PROBE * num, _MIN_CANDIDATES))
         read = lambda rows: move(collate([dataset[int(i)] for i in rows]))  # noqa: E731
-        with _global_rng_preserved(), torch.inference_mode(False):
+        with global_rng_preserved(), torch.inference_mode(False):
             order = torch.randperm(size, generator=torch.Generator().manual_seed(int(seed)))
             candidates = order[:cap]
             labels: Optional[torch.Tensor] = None
