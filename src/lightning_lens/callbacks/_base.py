@@ -39,7 +39,7 @@ import torch
 from lightning_lens._pl import Callback, pl
 from lightning_lens.utils.checks import check_bool, check_int
 
-__all__ = ["LensCallback", "OverheadBudget", "first_validation_batch", "log"]
+__all__ = ["LensCallback", "OverheadBudget", "check_displayable", "first_validation_batch", "log"]
 
 #: the package's console logger. Like Lightning's own, it prints INFO lines to stderr unless the application has set
 #: up logging itself (a handler on the root logger); silence it with
@@ -447,3 +447,17 @@ def first_validation_batch(trainer: "pl.Trainer", pl_module: "pl.LightningModule
     device = getattr(pl_module, "device", torch.device("cpu"))
     return trainer.strategy.batch_to_device(batch, device) if hasattr(trainer, "strategy") else batch
 
+
+
+def check_displayable(owner: str, what: str, image: torch.Tensor, denormalize: Any) -> None:
+    """Raise a ValueError naming ``denormalize`` when ``image`` cannot be rendered (a setup check of the callbacks
+    that draw their inputs)."""
+    from lightning_lens.render import to_rgb_uint8
+
+    try:
+        to_rgb_uint8(image.detach().cpu(), denormalize=denormalize)
+    except Exception as err:
+        raise ValueError(
+            f"{owner} cannot show {what} (shape {tuple(image.shape)}) as an image: {type(err).__name__}: {err};"
+            " pass denormalize= mapping an input to a (C, H, W) image in [0, 1]"
+        ) from err

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import default_collate
 
 from lightning_lens._pl import pl
-from lightning_lens.callbacks._base import LensCallback
+from lightning_lens.callbacks._base import LensCallback, check_displayable
 from lightning_lens.callbacks._gather import SampleIds, dedupe_by_id, gather_objects, validation_dataset_size
 from lightning_lens.callbacks._probes import ProbeCollector
 from lightning_lens.callbacks.knn_memory import Embed, check_embed, knn_parts, training_dataloader
@@ -178,16 +178,8 @@ class NeighborGallery(LensCallback):
         if labels is None:
             raise ValueError("NeighborGallery needs labels in the validation batches: set target_key")
         check_embed(pl_module, embed, head, x)
-        from lightning_lens.render import to_rgb_uint8
-
         for what, image in (("a validation input", x[0]), ("train_dataset[0]'s input", neighbor)):
-            try:
-                to_rgb_uint8(image.detach().cpu(), denormalize=self.denormalize)
-            except Exception as err:
-                raise ValueError(
-                    f"NeighborGallery cannot show {what} (shape {tuple(image.shape)}) as an image:"
-                    f" {type(err).__name__}: {err}; pass denormalize= mapping an input to a (C, H, W) image in [0, 1]"
-                ) from err
+            check_displayable("NeighborGallery", what, image, self.denormalize)
 
     def _neighbor_dataset(self) -> Any:
         return self.train_dataset if self.train_dataset is not None else self._fit_train_dataset

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 from typing_extensions import override
 
 from lightning_lens._pl import pl
-from lightning_lens.callbacks._base import log
+from lightning_lens.callbacks._base import check_displayable, log
 from lightning_lens.callbacks._gather import dedupe_by_id, gather_objects
 from lightning_lens.callbacks._probes import ProbeCallback, ProbeCollector
 from lightning_lens.callbacks.knn_memory import training_dataloader
@@ -353,18 +353,10 @@ class TracInCallback(ProbeCallback):
         self._scored_names = [f"{self._resolved_layer}.weight"]
 
     def _renderable(self, x: torch.Tensor) -> bool:
-        from lightning_lens.render import to_rgb_uint8
-
         if self.denormalize is None and (x.dim() != 3 or x.shape[0] not in (1, 3)):
             log.info("TracInCallback: the inputs are not (C, H, W) images: only JSON and scalars are logged")
             return False
-        try:
-            to_rgb_uint8(x.detach().cpu(), denormalize=self.denormalize)
-        except Exception as err:
-            raise ValueError(
-                f"TracInCallback cannot show a training input of shape {tuple(x.shape)} as an image"
-                f" ({type(err).__name__}: {err}); pass denormalize= mapping an input to a (C, H, W) image in [0, 1]"
-            ) from err
+        check_displayable("TracInCallback", "a training input", x, self.denormalize)
         return True
 
     # ------------------------------------------------------------------------------------------------------ snapshots
