@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_lens.attribution._batching import blocks, check_batch_size, logits_in_blocks, resolve_batch_size
-from lightning_lens.attribution.base import Attribution, Target, forward_logits, target_scores
+from lightning_lens.attribution.base import Attribution, OutputFn, Target, forward_logits, target_scores
 from lightning_lens.utils import resolve_target
 
 Size = Union[int, Sequence[int]]
@@ -67,6 +67,8 @@ class Occlusion(Attribution):
         baseline: the occluding value: a float (default 0) or a tensor broadcastable to the inputs.
         batch_size: most rows per forward pass; ``None`` picks whole window positions of the batch within a budget
             of ``2**16`` input elements per pass. Results do not depend on it.
+        output_fn: maps the model's output to ``(B, C)`` or ``(B,)`` scores (see
+            :func:`~lightning_lens.attribution.base.model_scores`).
         eval_mode: see :class:`~lightning_lens.attribution.base.Attribution`.
 
     Example:
@@ -86,9 +88,10 @@ class Occlusion(Attribution):
         baseline: Union[float, torch.Tensor] = 0.0,
         batch_size: Optional[int] = None,
         *,
+        output_fn: Optional[OutputFn] = None,
         eval_mode: bool = True,
     ) -> None:
-        super().__init__(model, eval_mode=eval_mode)
+        super().__init__(model, output_fn=output_fn, eval_mode=eval_mode)
         self.window = _check_size(window, "window")
         self.stride = None if stride is None else _check_size(stride, "stride")
         self.baseline = self._check_baseline(baseline)
@@ -151,8 +154,9 @@ class Occlusion(Attribution):
     ) -> torch.Tensor:
         x = inputs.detach()
         win, strides, counts = self.geometry(x.shape[1:], window, stride)
+        # no whole-batch copies besides the result (issue 19): x is only read (each forward gets a copy), the fill is
+        # a broadcast view
         with torch.no_grad():
-            x = x.clone()
             if isinstance(baseline, torch.Tensor):
                 try:
                     fill = torch.broadcast_to(baseline.to(device=x.device, dtype=x.dtype), x.shape)
@@ -162,10 +166,11 @@ class Occlusion(Attribution):
                         f" {tuple(x.shape)}"
                     ) from None
             else:
-                fill = torch.full_like(x, float(baseline))
+                fill = torch.full((), float(baseline), dtype=x.dtype, device=x.device).expand(x.shape)
             batch = x.shape[0]
             rows = resolve_batch_size(batch_size, batch, x[0].numel())
-            logits = logits_in_blocks(self.model, x, rows)  # clones each slice: the model may modify its input
+            # clones each slice: the model may modify its input
+            logits = logits_in_blocks(self.model, x, rows, self.output_fn)
             resolved = resolve_target(target, logits)
             clean = target_scores(logits, resolved)
             windows = [
@@ -176,14 +181,14 @@ class Occlusion(Attribution):
             covered = torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device)
             for blk in blocks(len(windows), batch, rows):
                 part, part_fill = x[blk.b0 : blk.b1], fill[blk.b0 : blk.b1]
-                occluded = []
-                for p in range(blk.s0, blk.s1):
-                    region = (slice(None),) + windows[p]
-                    copy = part.clone()
-                    copy[region] = part_fill[region]
-                    occluded.append(copy)
                 k, width = blk.s1 - blk.s0, blk.b1 - blk.b0
-                scores = target_scores(forward_logits(self.model, torch.cat(occluded)),
+                occluded = torch.empty((k, *part.shape), dtype=x.dtype, device=x.device)  # the block, built in place
+                for j, p in enumerate(range(blk.s0, blk.s1)):
+                    region = (slice(None),) + windows[p]
+                    occluded[j] = part
+                    occluded[j][region] = part_fill[region]
+                scores = target_scores(forward_logits(self.model, occluded.view(k * width, *part.shape[1:]),
+                                                      self.output_fn),
                                        resolved[blk.b0 : blk.b1].repeat(k)).view(k, width)
                 drop = clean[blk.b0 : blk.b1] - scores
                 for j, p in enumerate(range(blk.s0, blk.s1)):
@@ -191,4 +196,4 @@ class Occlusion(Attribution):
                     total[blk.b0 : blk.b1][region] += drop[j].view(width, *([1] * (x.dim() - 1)))
                     if blk.b0 == 0:
                         covered[windows[p]] += 1
-            return total / covered
+            return total.div_(covered)
