@@ -32,6 +32,18 @@ _METADATA_KEYS = (
 )
 
 
+def item_index(index: int, length: int) -> int:
+    """``index`` as a position ``0..length-1`` of a split (negative indices count from the end), or an IndexError.
+
+    Example:
+        >>> item_index(-1, 5)
+        4
+    """
+    if not -length <= index < length:
+        raise IndexError(f"index {index} is out of range for a split of {length} samples")
+    return int(index) % length
+
+
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images (N, 8, 8) in [0, 1], targets (N,), thickness bins (N,)) of the whole bundled data set, cached."""
@@ -276,9 +288,7 @@ class SpuriousDigits(Dataset):
         return int(self.labels.shape[0])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} is out of range for a split of {len(self)} samples")
-        index = int(index) % len(self)
+        index = item_index(index, len(self))
         item: dict[str, Any] = {
             "image": self.images[index],
             "label": int(self.labels[index]),

@@ -9,9 +9,13 @@ import torch
 
 from lightning_lens.utils.checks import check_key, check_str_list
 
-Key = Union[int, str, Callable[[Any], Any], None]
+Key = Union[int, str, Callable[[Any], Any], None, Sequence[Union[int, str]]]
+#: the model inputs of a batch: one tensor, a tuple of tensors (positional arguments) or a dict (keyword arguments)
+Inputs = Union[torch.Tensor, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]
 
-_INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
+_INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values", "features")
+#: a dict batch with ``input_ids`` (a text batch) passes these, when present, as keyword arguments
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _TARGET_KEYS = ("label", "labels", "target", "targets", "y")
 _INDEX_KEYS = ("index", "indices", "idx", "sample_id", "id")
 
@@ -28,11 +32,89 @@ def _get(batch: Any, key: Key, argument: str) -> Any:
         ) from err
 
 
+def _check_input_key(value: Any) -> Key:
+    """``value`` if it selects the inputs: what :func:`check_key` accepts, or a non-empty tuple/list of dict keys
+    (the inputs are then a dict, passed as keyword arguments) or of positions (a tuple, passed positionally)."""
+    if isinstance(value, (tuple, list)):
+        if not value or not (all(isinstance(k, str) for k in value)
+                             or all(isinstance(k, int) and not isinstance(k, bool) for k in value)):
+            raise TypeError(
+                f"input_key as a sequence must hold dict keys (str) or positions (int), all of one kind, got {value!r}"
+            )
+        if len(set(value)) != len(value):
+            raise ValueError(f"input_key names a key twice: {value!r}")
+        return tuple(value)
+    return check_key(value, "input_key")
+
+
+def input_batch_size(inputs: Inputs, argument: str = "inputs") -> int:
+    """The number of examples of model inputs (a tensor, a tuple or a dict of tensors); all must agree.
+
+    Example:
+        >>> input_batch_size({"input_ids": torch.zeros(3, 5, dtype=torch.long), "attention_mask": torch.ones(3, 5)})
+        3
+    """
+    leaves = input_leaves(inputs, argument)
+    sizes = {int(v.shape[0]) if v.dim() else -1 for v in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        shapes = [tuple(v.shape) for v in leaves]
+        raise ValueError(f"{argument} must be tensors with one common leading batch dimension, got shapes {shapes}")
+    return sizes.pop()
+
+
+def input_leaves(inputs: Inputs, argument: str = "inputs") -> list[torch.Tensor]:
+    """The tensors of model inputs, in call order.
+
+    Example:
+        >>> [t.shape for t in input_leaves((torch.zeros(2, 3), torch.zeros(2)))]
+        [torch.Size([2, 3]), torch.Size([2])]
+    """
+    values = list(inputs.values()) if isinstance(inputs, Mapping) else (
+        list(inputs) if isinstance(inputs, (tuple, list)) else [inputs])
+    if not values or not all(isinstance(v, torch.Tensor) for v in values):
+        kinds = [type(v).__name__ for v in values]
+        raise TypeError(f"{argument} must be a tensor, a tuple of tensors or a dict of tensors, got {kinds or inputs}")
+    return values
+
+
+def map_inputs(fn: Callable[[torch.Tensor], torch.Tensor], inputs: Inputs) -> Inputs:
+    """``fn`` applied to every tensor of model inputs, keeping the structure.
+
+    Example:
+        >>> map_inputs(lambda t: t[:1], {"a": torch.zeros(2, 3)})["a"].shape
+        torch.Size([1, 3])
+    """
+    if isinstance(inputs, Mapping):
+        return {k: fn(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(fn(v) for v in inputs)
+    return fn(inputs)
+
+
+def describe_inputs(inputs: Inputs) -> str:
+    """Shapes and dtypes of model inputs, for messages.
+
+    Example:
+        >>> describe_inputs({"input_ids": torch.zeros(2, 4, dtype=torch.long)})
+        "{'input_ids': (2, 4) torch.int64}"
+    """
+    one = lambda t: f"{tuple(t.shape)} {t.dtype}"  # noqa: E731
+    if isinstance(inputs, Mapping):
+        return "{" + ", ".join(f"{k!r}: {one(v)}" for k, v in inputs.items()) + "}"
+    if isinstance(inputs, (tuple, list)):
+        return "(" + ", ".join(one(v) for v in inputs) + ")"
+    return one(inputs)
+
+
 class BatchAccessor:
     """Reads the parts of a batch: tuple/list batches by position, dict batches by key, anything by callable.
 
     Args:
-        input_key: where the inputs are. Default: position 0, or the first of ``image``, ``input``, ``x`` ... in a dict.
+        input_key: where the inputs are. Default: position 0, or the first of ``image``, ``input``, ``x``,
+            ``features`` ... in a dict, or, in a dict with ``input_ids`` (a text batch), a dict of ``input_ids`` and
+            whichever of ``attention_mask``, ``token_type_ids``, ``position_ids`` it has (keyword arguments of the
+            model). A tuple of dict keys selects several inputs as a dict (keyword arguments), a tuple of positions
+            as a tuple (positional arguments); a callable may return a tensor, a tuple or a dict of tensors.
         target_key: where the labels are. Default: position 1, or ``label``, ``target``, ``y`` ... in a dict.
         index_key: where the dataset indices are. Default: ``index``/``idx``/``sample_id`` in a dict, else none.
         metadata_keys: dict keys to treat as per-sample metadata (one string is one key). Default: every other key of
@@ -44,6 +126,9 @@ class BatchAccessor:
         >>> batch = {"image": torch.zeros(2, 1, 4, 4), "label": torch.tensor([3, 5]), "digit_mask": torch.ones(2, 1, 4, 4)}
         >>> acc.targets(batch).tolist(), list(acc.masks(batch))
         ([3, 5], ['digit'])
+        >>> text = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4)}
+        >>> list(acc.inputs(text)), acc.masks(text)
+        (['input_ids', 'attention_mask'], {})
     """
 
     def __init__(
@@ -53,7 +138,7 @@ class BatchAccessor:
         index_key: Key = None,
         metadata_keys: Union[str, Sequence[str], None] = None,
     ) -> None:
-        self.input_key = check_key(input_key, "input_key")
+        self.input_key = _check_input_key(input_key)
         self.target_key = check_key(target_key, "target_key")
         self.index_key = check_key(index_key, "index_key")
         if isinstance(metadata_keys, str):  # one key, not its characters
@@ -64,26 +149,52 @@ class BatchAccessor:
     def _first_key(batch: Mapping, candidates: Sequence[str]) -> Optional[str]:
         return next((k for k in candidates if k in batch), None)
 
-    def inputs(self, batch: Any) -> torch.Tensor:
-        """The input tensor of the batch."""
-        if self.input_key is not None:
+    def inputs(self, batch: Any) -> Inputs:
+        """The model inputs of the batch: a tensor, or a tuple/dict of tensors (see ``input_key``)."""
+        if isinstance(self.input_key, tuple):
+            parts = [_get(batch, k, "input_key") for k in self.input_key]
+            x: Any = dict(zip(self.input_key, parts)) if isinstance(self.input_key[0], str) else tuple(parts)
+        elif self.input_key is not None:
             x = _get(batch, self.input_key, "input_key")
         elif isinstance(batch, torch.Tensor):
             x = batch
         elif isinstance(batch, Mapping):
             key = self._first_key(batch, _INPUT_KEYS)
-            if key is None:
+            if key is not None:
+                x = batch[key]
+            elif "input_ids" in batch:
+                x = {k: batch[k] for k in _TEXT_KEYS if k in batch}
+            else:
                 raise KeyError(
                     f"no input found in a dict batch with keys {list(batch)}; pass input_key='<your key>'"
                 )
-            x = batch[key]
         elif isinstance(batch, (tuple, list)):
             x = batch[0]
         else:
             raise TypeError(f"cannot find inputs in a batch of type {type(batch).__name__}; pass input_key=callable")
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"the batch's inputs must be a tensor, got {type(x).__name__}; set input_key")
+        if isinstance(x, list) and all(isinstance(v, torch.Tensor) for v in x):
+            x = tuple(x)
+        if isinstance(x, Mapping):
+            x = dict(x)
+        if not isinstance(x, (torch.Tensor, tuple, dict)) or (not isinstance(x, torch.Tensor) and not all(
+                isinstance(v, torch.Tensor) for v in (x.values() if isinstance(x, dict) else x))):
+            raise TypeError(
+                f"the batch's inputs must be a tensor, a tuple or a dict of tensors, got {type(x).__name__}; set"
+                " input_key"
+            )
         return x
+
+    def input_names(self, batch: Any) -> set[str]:
+        """The dict keys of a dict batch that hold model inputs (kept out of metadata and masks)."""
+        if not isinstance(batch, Mapping):
+            return set()
+        if isinstance(self.input_key, tuple):
+            return {k for k in self.input_key if isinstance(k, str)}
+        if isinstance(self.input_key, str):
+            return {self.input_key}
+        if self.input_key is None and self._first_key(batch, _INPUT_KEYS) is None and "input_ids" in batch:
+            return {k for k in _TEXT_KEYS if k in batch}
+        return set()
 
     def targets(self, batch: Any) -> Optional[torch.Tensor]:
         """The label tensor of the batch, or None when the batch has none."""
@@ -110,7 +221,7 @@ class BatchAccessor:
         return None if idx is None else torch.as_tensor(idx).long()
 
     def _batch_size(self, batch: Any) -> int:
-        return int(self.inputs(batch).shape[0])
+        return input_batch_size(self.inputs(batch), "the batch's inputs")
 
     def metadata(self, batch: Any) -> dict[str, Any]:
         """Per-sample metadata of a dict batch: name -> 1-D tensor or list."""
@@ -118,7 +229,7 @@ class BatchAccessor:
             return {}
         n = self._batch_size(batch)
         reserved = {k for k in (self.input_key, self.target_key, self.index_key) if isinstance(k, str)}
-        reserved |= set(_INPUT_KEYS) | set(_TARGET_KEYS) | set(_INDEX_KEYS)
+        reserved |= set(_INPUT_KEYS) | set(_TARGET_KEYS) | set(_INDEX_KEYS) | self.input_names(batch)
         keys = self.metadata_keys if self.metadata_keys is not None else [k for k in batch if k not in reserved]
         out: dict[str, Any] = {}
         for k in keys:
@@ -137,8 +248,56 @@ class BatchAccessor:
         """Ground-truth masks in a dict batch: keys ``<region>_mask`` -> tensor, returned as ``{region: mask}``."""
         if not isinstance(batch, Mapping):
             return {}
+        inputs = self.input_names(batch)  # an attention_mask is a model input, not a ground-truth region
         return {
             str(k)[: -len("_mask")]: v
             for k, v in batch.items()
-            if str(k).endswith("_mask") and isinstance(v, torch.Tensor)
+            if str(k).endswith("_mask") and isinstance(v, torch.Tensor) and k not in inputs
         }
+
+
+def input_kind(inputs: Inputs, tabular: bool = False) -> str:
+    """What model inputs hold, for choosing how to explain and draw them: ``"text"`` (an integer ``(batch, tokens)``
+    tensor of token ids, alone or among several inputs), ``"multi"`` (a tuple or dict of tensors without token
+    ids), ``"tabular"`` (a floating ``(batch, features)`` tensor when ``tabular``, e.g. feature names are known) or
+    ``"image"`` (anything else: one tensor).
+
+    Example:
+        >>> input_kind({"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5)})
+        'text'
+        >>> input_kind(torch.zeros(2, 8), tabular=True), input_kind((torch.zeros(2, 1, 4, 4), torch.zeros(2, 3)))
+        ('tabular', 'multi')
+    """
+    if token_ids(inputs) is not None:
+        return "text"
+    if not isinstance(inputs, torch.Tensor):
+        return "multi"
+    return "tabular" if tabular and inputs.is_floating_point() and inputs.dim() == 2 else "image"
+
+
+def token_ids(inputs: Inputs) -> Optional[torch.Tensor]:
+    """The token ids among model inputs: ``input_ids`` of a dict, else the first integer ``(batch, tokens)`` tensor;
+    None when there is none.
+
+    Example:
+        >>> token_ids((torch.zeros(2, 3), torch.ones(2, 4, dtype=torch.long))).shape
+        torch.Size([2, 4])
+    """
+    if isinstance(inputs, Mapping) and isinstance(inputs.get("input_ids"), torch.Tensor):
+        return inputs["input_ids"]
+    for leaf in input_leaves(inputs):
+        if leaf.dim() == 2 and not leaf.is_floating_point() and not leaf.is_complex() and leaf.dtype != torch.bool:
+            return leaf
+    return None
+
+
+def padding_mask(inputs: Inputs) -> Optional[torch.Tensor]:
+    """True where a token is padding: ``attention_mask == 0`` of a dict of text inputs, else None.
+
+    Example:
+        >>> padding_mask({"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0]])})
+        tensor([[False, False,  True]])
+    """
+    if isinstance(inputs, Mapping) and isinstance(inputs.get("attention_mask"), torch.Tensor):
+        return inputs["attention_mask"] == 0
+    return None

@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "check_bool",
+    "check_callable",
     "check_choice",
     "check_finite",
     "check_float",
@@ -173,6 +174,23 @@ def check_key(value: Any, argument: str) -> Union[int, str, Callable[..., Any], 
     raise TypeError(f"{argument} must be an int, a str, a callable or None, got {type(value).__name__}")
 
 
+def check_callable(value: Any, argument: str, hint: str = "") -> Callable[..., Any]:
+    """``value`` if it is callable; the error adds ``hint`` (what the function takes and returns).
+
+    Example:
+        >>> check_callable(len, "output_fn").__name__
+        'len'
+        >>> check_callable("logits", "output_fn", hint="model output -> (batch, classes) scores")
+        Traceback (most recent call last):
+        ...
+        TypeError: output_fn must be a function (model output -> (batch, classes) scores), got str
+    """
+    if not callable(value):
+        extra = f" ({hint})" if hint else ""
+        raise TypeError(f"{argument} must be a function{extra}, got {type(value).__name__}")
+    return value
+
+
 def check_bool(value: Any, argument: str) -> bool:
     """``value`` if it is a bool.
 
@@ -246,8 +264,8 @@ def check_differentiable_inputs(value: Any, argument: str = "inputs", *, min_dim
             f"{argument} must be a floating-point tensor, got dtype {value.dtype}: attribution methods take gradients"
             f" (or perturb values) with respect to {argument}. Integer inputs such as token ids cannot be"
             " differentiated, and converting them to float does not help: explain the output of the embedding layer"
-            " instead (a layer method with layer=<the embedding module>; layer attribution for embeddings is not in"
-            " lightning_lens.attribution yet)"
+            " instead: a gradient method with layer=<the embedding module>, e.g."
+            " IntegratedGradients(model, layer='embeddings')"
         )
     return check_tensor(value, argument, min_dim=min_dim)
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from lightning_lens.utils.batch import BatchAccessor
+from lightning_lens.utils.batch import BatchAccessor, Inputs, input_batch_size, map_inputs
 from lightning_lens.utils.checks import check_int
 from lightning_lens.utils.rng import global_rng_preserved
 
@@ -33,6 +33,16 @@ def _cat(parts: list[Any]) -> Any:
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts)
     return [v for p in parts for v in p]
+
+
+def _cat_inputs(parts: list[Inputs]) -> Inputs:
+    """Model inputs of several probe sets, concatenated leaf by leaf (one structure for all)."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in first}  # type: ignore[index]
+    if isinstance(first, tuple):
+        return tuple(torch.cat([p[j] for p in parts]) for j in range(len(first)))  # type: ignore[index]
+    return torch.cat(parts)  # type: ignore[arg-type]
 
 
 def _take(value: Any, rows: torch.Tensor) -> Any:
@@ -82,6 +92,10 @@ def spread_over_classes(candidates: torch.Tensor, labels: Optional[torch.Tensor]
 class ProbeSet:
     """Inputs with their labels, dataset indices, metadata and masks, kept on the CPU.
 
+    ``inputs`` are what the model takes: one tensor, or, for models with several inputs, a tuple (positional
+    arguments) or a dict (keyword arguments, e.g. ``input_ids`` and ``attention_mask``) of tensors with one row per
+    probe (see :class:`BatchAccessor`'s ``input_key``).
+
     Build it with :meth:`from_dataset` (by dataset position, the callbacks' way), :meth:`from_batches` or directly;
     store it with :meth:`state_dict` (plain tensors, picklable). ``indices`` are the batch's index key values when it
     has one (see :class:`BatchAccessor`), else the positions in the dataset the probes were read from.
@@ -93,14 +107,14 @@ class ProbeSet:
         (4, [0, 0, 1, 1])
     """
 
-    inputs: torch.Tensor
+    inputs: Inputs
     targets: Optional[torch.Tensor] = None
     indices: Optional[torch.Tensor] = None
     metadata: dict[str, Any] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return int(self.inputs.shape[0])
+        return input_batch_size(self.inputs, "ProbeSet.inputs")
 
     @classmethod
     def from_batch(
@@ -116,7 +130,7 @@ class ProbeSet:
             if indices is None and positions is not None:
                 indices = torch.as_tensor(positions).long()
             return cls(
-                inputs=cpu(accessor.inputs(batch)),
+                inputs=map_inputs(cpu, accessor.inputs(batch)),
                 targets=None if targets is None else cpu(targets),
                 indices=None if indices is None else cpu(indices),
                 metadata={k: cpu(v) if isinstance(v, torch.Tensor) else list(v)
@@ -219,7 +233,7 @@ class ProbeSet:
         """One probe set of ``parts`` in order; a field missing from any part is dropped."""
         first = parts[0]
         return cls(
-            inputs=torch.cat([p.inputs for p in parts]),
+            inputs=_cat_inputs([p.inputs for p in parts]),
             targets=torch.cat([p.targets for p in parts]) if all(p.targets is not None for p in parts) else None,
             indices=torch.cat([p.indices for p in parts]) if all(p.indices is not None for p in parts) else None,
             metadata={k: _cat([p.metadata[k] for p in parts]) for k in first.metadata
@@ -231,7 +245,7 @@ class ProbeSet:
         """The probes at ``rows`` (positions in this set), in that order."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         return ProbeSet(
-            inputs=self.inputs[rows],
+            inputs=map_inputs(lambda v: v[rows], self.inputs),
             targets=None if self.targets is None else self.targets[rows],
             indices=None if self.indices is None else self.indices[rows],
             metadata={k: _take(v, rows) for k, v in self.metadata.items()},
@@ -242,7 +256,7 @@ class ProbeSet:
         """A copy whose tensors live on ``device``."""
         mv = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
         return ProbeSet(
-            inputs=self.inputs.to(device),
+            inputs=map_inputs(lambda v: v.to(device), self.inputs),
             targets=mv(self.targets),
             indices=mv(self.indices),
             metadata={k: mv(v) for k, v in self.metadata.items()},
@@ -297,7 +311,7 @@ class ProbePool:
 
     def add(self, batch: Any) -> None:
         """Offer every example of ``batch``."""
-        n = int(self.accessor.inputs(batch).shape[0])
+        n = input_batch_size(self.accessor.inputs(batch), "the batch's inputs")
         keys = torch.rand(n, generator=self._gen, dtype=torch.float64)
         self.seen += n
         self._keep(keys, ProbeSet.from_batch(batch, self.accessor))
