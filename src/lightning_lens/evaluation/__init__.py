@@ -4,6 +4,9 @@
 * :func:`pointing_game`, :func:`relevance_mass_accuracy`, :func:`relevance_rank_accuracy` (Arras et al. 2022), each
   with its chance level;
 * :func:`max_sensitivity` (Yeh et al. 2019);
+* :func:`explanation_fragility` (Ghorbani et al. 2019): a label-preserving top-k attack on the explanation;
+* :func:`remove_and_retrain` (ROAR, Hooker et al. 2019): accuracy after removing top features and retraining (an
+  offline job: it trains models with Lightning, imported lazily);
 * :func:`compute_quality`: any of them as flat scalars, as the callbacks log them.
 
 Example:
@@ -25,6 +28,7 @@ from lightning_lens.evaluation.faithfulness import (
     perturbation_curve,
     substrate_like,
 )
+from lightning_lens.evaluation.fragility import FragilityResult, explanation_fragility
 from lightning_lens.evaluation.localization import (
     LocalizationResult,
     pointing_game,
@@ -39,6 +43,7 @@ from lightning_lens.evaluation.quality import (
     available_quality_metrics,
     compute_quality,
 )
+from lightning_lens.evaluation.roar import ROARReport, remove_and_retrain, remove_features
 from lightning_lens.evaluation.robustness import SensitivityResult, max_sensitivity
 from lightning_lens.evaluation.summaries import saliency_summaries, top_mass
 
@@ -55,6 +60,8 @@ __all__ = [
     "available_quality_metrics",
     "compute_quality",
     "deletion_curve",
+    "explanation_fragility",
+    "FragilityResult",
     "gaussian_blur",
     "insertion_curve",
     "max_sensitivity",
@@ -62,6 +69,9 @@ __all__ = [
     "pointing_game",
     "relevance_mass_accuracy",
     "relevance_rank_accuracy",
+    "remove_and_retrain",
+    "remove_features",
+    "ROARReport",
     "saliency_summaries",
     "substrate_like",
     "top_mass",
