@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lens.attribution.base import Attribution, Target, forward_logits, run_forward, target_scores
+from lightning_lens.attribution._token_grid import check_token_grid, grid_shape, tokens_to_grid
+from lightning_lens.attribution.base import (
+    Attribution,
+    OutputFn,
+    Target,
+    forward_logits,
+    run_forward,
+    target_scores,
+)
 from lightning_lens.attribution.guided import rule_gradients
 from lightning_lens.utils import grad_ready, preserve_modes, resolve_module, resolve_target
 from lightning_lens.utils.checks import check_bool
@@ -67,6 +75,93 @@ def last_spatial_layer(model: nn.Module, inputs: torch.Tensor) -> tuple[str, nn.
     return finished[-1]
 
 
+def _token_layout(output: torch.Tensor, batch: int, token_grid: Optional[tuple[int, int]],
+                  prefix_tokens: Optional[int]) -> Optional[tuple[bool, int, int, int]]:
+    """``(sequence_first, h, w, prefix)`` when ``output`` is a ``(B, N, D)`` (or ``(N, B, D)``) token tensor whose
+    ``N`` fits a patch grid, else None."""
+    if not isinstance(output, torch.Tensor) or output.dim() != 3:
+        return None
+    if output.shape[0] == batch:
+        sequence_first = False
+    elif output.shape[1] == batch:  # nn.Transformer* modules with batch_first=False
+        sequence_first = True
+    else:
+        return None
+    try:
+        h, w, prefix = grid_shape(int(output.shape[0 if sequence_first else 1]), token_grid, prefix_tokens)
+    except ValueError:
+        return None
+    return sequence_first, h, w, prefix
+
+
+def last_cam_layer(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    token_grid: Optional[tuple[int, int]] = None,
+    prefix_tokens: Optional[int] = None,
+    output_fn: Optional[OutputFn] = None,
+) -> tuple[str, nn.Module]:
+    """The default Grad-CAM layer: :func:`last_spatial_layer` for a convolutional network; for a vision transformer
+    (modules with ``(B, N, D)`` token outputs that fit a patch grid run after the last spatial one) the last token
+    layer whose patch tokens reach the predicted logits.
+
+    Why not simply the last block's output: with a [CLS]-token head, the patch tokens after the last attention
+    never reach the logits, so their gradient (and the map) is zero; the last layer where they still matter is the
+    input of the last block's attention (pytorch-grad-cam's ``blocks[-1].norm1``). With a mean-pooled head it is the
+    last block's (normalised) output. Found with one forward and one backward pass (eval mode, hooks removed and
+    modes restored even if it raises); a module that runs more than once per forward is never picked.
+
+    Example:
+        >>> from lightning_lens.testing.models import TinyViT
+        >>> last_cam_layer(TinyViT(image_size=8, patch_size=2, depth=2), torch.rand(1, 1, 8, 8))[0]
+        'encoder.layers.1.norm1'
+    """
+    spatial: list[tuple[int, str, nn.Module]] = []
+    tokens: list[tuple[int, str, nn.Module, torch.Tensor, tuple[bool, int, int, int]]] = []
+    calls: dict[str, int] = {}
+    handles = []
+    batch = inputs.shape[0]
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            step = sum(calls.values())
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
+                spatial.append((step, name, module))
+            elif inputs.dim() == 4 or token_grid is not None:
+                layout = _token_layout(output, batch, token_grid, prefix_tokens)
+                if layout is not None and output.requires_grad:
+                    tokens.append((step, name, module, output, layout))
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if module is not model:
+                handles.append(module.register_forward_hook(make_hook(name)))
+        with preserve_modes(model, mode=False), torch.enable_grad():
+            logits = forward_logits(model, grad_ready(inputs).clone(), output_fn)
+            tokens = [t for t in tokens if calls[t[1]] == 1 and (not spatial or t[0] > spatial[-1][0])]
+            if tokens:
+                score = target_scores(logits, logits.argmax(dim=1)).sum()
+                grads = torch.autograd.grad(score, [t[3] for t in tokens], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    if not tokens:
+        return last_spatial_layer(model, inputs)
+    for (_, name, module, _, (sequence_first, _, _, prefix)), grad in reversed(list(zip(tokens, grads))):
+        if grad is None:
+            continue
+        patches = grad[prefix:] if sequence_first else grad[:, prefix:]
+        if bool(patches.ne(0).any()):
+            return name, module
+    raise ValueError(
+        "layer=None: the model's token layers have no patch tokens that reach the logits; pass layer=<module or"
+        " dotted name> of a transformer block explicitly"
+    )
+
+
 class GradCAM(Attribution):
     """Grad-CAM: ``ReLU(sum_k alpha_k A^k)`` with ``alpha_k`` the spatial mean of ``dS_c/dA^k`` at a layer.
 
@@ -82,13 +177,25 @@ class GradCAM(Attribution):
             run exactly once per forward.
         upsample: return maps at the input resolution (default) rather than the layer's.
         relu: apply the paper's final ReLU (default ``True``; ``False`` keeps negative evidence, as Captum's default).
-        eval_mode: see :class:`~lightning_lens.attribution.base.Attribution`.
+        token_grid: for a vision transformer, ``(h, w)`` of the patch grid: a layer output of ``(B, N, D)`` tokens
+            (or ``(N, B, D)``) becomes ``(B, D, h, w)`` after dropping the prefix tokens. Token outputs of image
+            models are reshaped automatically when ``N - prefix`` is a perfect square for ``prefix`` 0 or 1 ([CLS]);
+            other shapes raise a ``ValueError`` asking for ``token_grid``/``prefix_tokens``.
+        prefix_tokens: tokens in front of the patches ([CLS], distillation, register tokens).
+        eval_mode, output_fn: see :class:`~lightning_lens.attribution.base.Attribution`.
+
+    With ``layer=None`` on a vision transformer the layer is found by :func:`last_cam_layer` (the last token layer
+    whose patch tokens reach the logits).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
         ...                             torch.nn.Linear(72, 3))
         >>> GradCAM(model).attribute(torch.randn(2, 1, 8, 8), target=0).shape
         torch.Size([2, 1, 8, 8])
+        >>> from lightning_lens.testing.models import TinyViT
+        >>> vit = TinyViT(image_size=8, patch_size=2)  # 16 patches and a [CLS] token
+        >>> GradCAM(vit, layer="encoder.layers.0", upsample=False).attribute(torch.rand(2, 1, 8, 8)).shape
+        torch.Size([2, 1, 4, 4])
     """
 
     name = "gradcam"
@@ -100,10 +207,16 @@ class GradCAM(Attribution):
         layer: Layer = None,
         upsample: bool = True,
         relu: bool = True,
+        token_grid: Optional[tuple[int, int]] = None,
+        prefix_tokens: Optional[int] = None,
         *,
         eval_mode: bool = True,
+        output_fn: Optional[OutputFn] = None,
     ) -> None:
-        super().__init__(model, eval_mode=eval_mode)
+        super().__init__(model, eval_mode=eval_mode, output_fn=output_fn)
+        check_token_grid(token_grid, prefix_tokens)
+        self.token_grid = None if token_grid is None else tuple(token_grid)
+        self.prefix_tokens = prefix_tokens
         self.layer: Optional[nn.Module] = None if layer is None else resolve_module(model, layer, "layer")
         self.layer_name: Optional[str] = None
         if self.layer is not None:
@@ -113,7 +226,9 @@ class GradCAM(Attribution):
 
     def _resolve_layer(self, inputs: torch.Tensor) -> nn.Module:
         if self.layer is None:
-            self.layer_name, self.layer = last_spatial_layer(self.model, inputs)
+            self.layer_name, self.layer = last_cam_layer(
+                self.model, inputs, self.token_grid, self.prefix_tokens, self.output_fn
+            )
         return self.layer
 
     call_options = ("upsample",)
@@ -162,7 +277,7 @@ class GradCAM(Attribution):
         handle = layer.register_forward_hook(hook)
         try:
             # the input requires grad so the activation is in the graph even when the layers before it are frozen
-            logits = forward_logits(self.model, grad_ready(inputs).clone())
+            logits = forward_logits(self.model, grad_ready(inputs).clone(), self.output_fn)
         finally:
             handle.remove()
         if len(captured) != 1:
@@ -171,6 +286,9 @@ class GradCAM(Attribution):
                 " that runs exactly once"
             )
         activation = captured[0]
+        tokens = activation.dim() == 3 and (
+            inputs.dim() == 4 or self.token_grid is not None or self.prefix_tokens is not None
+        )
         if activation.dim() < 3:
             raise ValueError(
                 f"layer {self.layer_name!r} outputs shape {tuple(activation.shape)}; Grad-CAM needs a"
@@ -186,6 +304,8 @@ class GradCAM(Attribution):
                 " path from the input to the logits"
             )
         activation = activation.detach()
+        if tokens:
+            activation, grads = self._token_grid(activation, inputs.shape[0]), self._token_grid(grads, inputs.shape[0])
         spatial_dims = tuple(range(2, activation.dim()))
         cam = self.combine(grads, activation)
         if self.relu:
@@ -200,6 +320,22 @@ class GradCAM(Attribution):
             cam = F.interpolate(cam, size=tuple(size), mode=_INTERPOLATION[len(size)], align_corners=False)
         return cam, resolved
 
+
+    def _token_grid(self, tokens: torch.Tensor, batch: int) -> torch.Tensor:
+        """``(B, N, D)`` (or ``(N, B, D)``) tokens of the layer as ``(B, D, h, w)`` patch features."""
+        if tokens.shape[0] != batch and tokens.shape[1] == batch:
+            tokens = tokens.transpose(0, 1)
+        if tokens.shape[0] != batch:
+            raise ValueError(
+                f"layer {self.layer_name!r} outputs shape {tuple(tokens.shape)}, which has no batch dimension of"
+                f" size {batch} first or second; pick a layer whose output is (batch, tokens, features)"
+            )
+        try:
+            h, w, prefix = grid_shape(tokens.shape[1], self.token_grid, self.prefix_tokens)
+        except ValueError as err:
+            raise ValueError(f"layer {self.layer_name!r} outputs {tuple(tokens.shape)} (batch, tokens, features): {err}"
+                             ) from None
+        return tokens_to_grid(tokens, h, w, prefix)
 
     def combine(self, grads: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
         """``sum_k alpha_k A^k`` with ``alpha_k`` the spatial mean of the gradient (the Grad-CAM weighting)."""
@@ -244,11 +380,19 @@ class GuidedGradCAM(Attribution):
 
     name = "guided_gradcam"
 
-    def __init__(self, model: nn.Module, layer: Layer = None, relu: bool = True, *, eval_mode: bool = True) -> None:
-        super().__init__(model, eval_mode=eval_mode)
-        self.gradcam = GradCAM(model, layer=layer, upsample=True, relu=relu, eval_mode=eval_mode)
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: Layer = None,
+        relu: bool = True,
+        *,
+        eval_mode: bool = True,
+        output_fn: Optional[OutputFn] = None,
+    ) -> None:
+        super().__init__(model, eval_mode=eval_mode, output_fn=output_fn)
+        self.gradcam = GradCAM(model, layer=layer, upsample=True, relu=relu, eval_mode=eval_mode, output_fn=output_fn)
 
     def _attribute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
         cam, resolved = self.gradcam.cam(inputs, target, upsample=True)
-        guided, _ = rule_gradients(self.model, inputs, resolved, "guided")
+        guided, _ = rule_gradients(self.model, inputs, resolved, "guided", self.output_fn)
         return guided * cam

@@ -10,6 +10,8 @@ _EXPORTS = {
     "DifferenceReLUModel": "models",
     "MultiLayerModel": "models",
     "MixedReLUModel": "models",
+    "TinyTextTransformer": "models",
+    "TabularMLP": "models",
     "LitClassifier": ".lightning_modules",  # a LightningModule: imports Lightning when used
 }
 __all__ = sorted(_EXPORTS)

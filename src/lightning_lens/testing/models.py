@@ -7,7 +7,7 @@ weights: no randomness, no seed needed.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ __all__ = [
     "OneConvReLUModel",
     "OneMinusReLUModel",
     "SmallCNN",
+    "TabularMLP",
+    "TinyTextTransformer",
+    "TinyViT",
 ]
 
 
@@ -293,3 +296,179 @@ class MixedReLUModel(nn.Module):
             else:
                 h = h.relu()
         return h
+
+
+class TinyTextTransformer(nn.Module):
+    """A tiny text classifier: token and position embeddings, a ``batch_first`` ``nn.TransformerEncoder``, and a
+    linear head on the ``[CLS]`` (first) position.
+
+    ``forward(input_ids, attention_mask=None)`` returns ``(B, num_classes)`` logits; padding positions
+    (``attention_mask == 0``) are masked out of attention. ``token_embedding`` is the layer to explain token ids at
+    (``layer="token_embedding"``); its output is ``(B, N, dim)``.
+
+    Args:
+        vocab_size: number of token ids (``padding_idx`` 0).
+        num_classes: number of output logits.
+        dim: embedding width.
+        heads: attention heads.
+        layers: encoder layers.
+        max_length: longest sequence the position embedding covers.
+        dropout: dropout inside the encoder layers.
+
+    Example:
+        >>> net = TinyTextTransformer(vocab_size=62, num_classes=2)
+        >>> ids = torch.tensor([[1, 5, 9, 0], [1, 7, 0, 0]])
+        >>> net(ids, attention_mask=(ids != 0).long()).shape
+        torch.Size([2, 2])
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int = 2,
+        dim: int = 32,
+        heads: int = 2,
+        layers: int = 1,
+        max_length: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_int(vocab_size, "vocab_size", minimum=2)
+        check_int(num_classes, "num_classes", minimum=1)
+        check_int(heads, "heads", minimum=1)
+        check_int(dim, "dim", minimum=heads)
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be a multiple of heads={heads}")
+        check_int(layers, "layers", minimum=1)
+        self.max_length = check_int(max_length, "max_length", minimum=1)
+        self.token_embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_length, dim)
+        block = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n = input_ids.shape[1]
+        if n > self.max_length:
+            raise ValueError(f"sequences of {n} tokens are longer than max_length={self.max_length}")
+        positions = torch.arange(n, device=input_ids.device)
+        h = self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+        padding = None if attention_mask is None else attention_mask == 0
+        h = self.encoder(h, src_key_padding_mask=padding)
+        return self.head(self.norm(h[:, 0]))
+
+
+class TabularMLP(nn.Module):
+    """An MLP for standardised tabular features: ``Linear -> ReLU`` blocks and a linear head.
+
+    Args:
+        in_features: number of columns.
+        num_classes: number of output logits.
+        hidden: widths of the hidden layers.
+
+    Example:
+        >>> TabularMLP(31, 2)(torch.zeros(4, 31)).shape
+        torch.Size([4, 2])
+    """
+
+    def __init__(self, in_features: int, num_classes: int = 2, hidden: tuple[int, ...] = (32, 16)) -> None:
+        super().__init__()
+        check_int(in_features, "in_features", minimum=1)
+        check_int(num_classes, "num_classes", minimum=1)
+        layers: list[nn.Module] = []
+        width = in_features
+        for i, h in enumerate(hidden):
+            layers += [nn.Linear(width, check_int(h, f"hidden[{i}]", minimum=1)), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TinyViT(nn.Module):
+    """A tiny vision transformer (no timm or torchvision): patch-embedding convolution, a learned [CLS] token and
+    position embeddings, pre-norm ``nn.TransformerEncoder`` blocks, a final ``LayerNorm`` and a linear head on the
+    [CLS] token (``pool="cls"``, as ViT/DeiT) or on the mean of the patch tokens (``pool="mean"``, as many ViTs and
+    the CAM setting: Grad-CAM at ``norm`` is then exactly CAM).
+
+    Layout: ``patch_embed`` (``Conv2d``, kernel = stride = ``patch_size``) -> tokens ``(B, 1 + (s/p)^2, dim)`` with
+    ``cls_token`` in front and ``pos_embed`` added -> ``encoder.layers.0 ... encoder.layers.{depth-1}`` -> ``norm`` ->
+    ``head``. The token grid is ``(s/p, s/p)`` with one prefix token, which token-grid CAMs and rollout detect
+    automatically. ``cls_token`` and ``pos_embed`` are parameters of the model itself (the randomization cascade
+    re-draws them as its ``"<root>"`` layer).
+
+    Args:
+        image_size: side of the square inputs (a multiple of ``patch_size``).
+        patch_size: side of the square patches.
+        in_channels: input channels.
+        num_classes: number of output logits.
+        dim: token width.
+        heads: attention heads (``dim`` must be a multiple).
+        depth: encoder blocks.
+        mlp_ratio: hidden width of each block's MLP, as a multiple of ``dim``.
+        dropout: dropout inside the blocks.
+        pool: what the head reads: ``"cls"`` the [CLS] token, ``"mean"`` the mean of the patch tokens (the [CLS]
+            token is kept, so rollout and the token grid are the same for both).
+
+    Example:
+        >>> vit = TinyViT(image_size=32, patch_size=4, num_classes=10)
+        >>> vit(torch.zeros(2, 1, 32, 32)).shape, vit.num_patches
+        (torch.Size([2, 10]), 64)
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch_size: int = 4,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        dim: int = 32,
+        heads: int = 2,
+        depth: int = 2,
+        mlp_ratio: int = 2,
+        dropout: float = 0.0,
+        pool: Literal["cls", "mean"] = "cls",
+    ) -> None:
+        super().__init__()
+        self.pool = check_choice(pool, "pool", ("cls", "mean"))
+        check_int(image_size, "image_size", minimum=1)
+        check_int(patch_size, "patch_size", minimum=1)
+        if image_size % patch_size:
+            raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
+        check_int(in_channels, "in_channels", minimum=1)
+        check_int(num_classes, "num_classes", minimum=1)
+        check_int(heads, "heads", minimum=1)
+        check_int(dim, "dim", minimum=heads)
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be a multiple of heads={heads}")
+        check_int(depth, "depth", minimum=1)
+        check_int(mlp_ratio, "mlp_ratio", minimum=1)
+        self.image_size, self.in_channels = image_size, in_channels
+        self.grid = image_size // patch_size
+        self.num_patches = self.grid * self.grid
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, dim))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        block = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=mlp_ratio * dim, dropout=dropout, activation="gelu", batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != (self.image_size,) * 2:
+            raise ValueError(
+                f"TinyViT expects inputs of shape (B, {self.in_channels}, {self.image_size}, {self.image_size}), got"
+                f" {tuple(x.shape)}; set in_channels/image_size to match your data"
+            )
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
+        tokens = self.norm(self.encoder(tokens))
+        return self.head(tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(1))
