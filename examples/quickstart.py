@@ -8,6 +8,7 @@ at the square.
 Run (``make demo`` does this in a fresh virtual environment):
     python examples/quickstart.py
     tensorboard --logdir lens_logs
+    python -m lightning_lens report lens_logs -o lens_logs/report.html   # one self-contained HTML page
 
 In TensorBoard: Images -> ``saliency/<method>`` (rows: probes with label and prediction; columns: input, map,
 overlay; drag the step slider to watch the maps change as the model trains); Scalars -> ``saliency/<method>/...``
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from lightning_lens.callbacks import SaliencyMapCallback
 from lightning_lens.datasets import SpuriousDigits
+from lightning_lens.report.html import report_command
 from lightning_lens.testing import LitClassifier
 
 
@@ -87,6 +89,7 @@ def main() -> None:
     elif not os.path.relpath(tensorboard).startswith(".."):
         tensorboard = os.path.relpath(tensorboard)
     print(f"Open them with:  {tensorboard} --logdir {args.log_dir}   (then browse to http://localhost:6006)")
+    print(f"or build one self-contained HTML page of the run:  {report_command(args.log_dir)}")
 
 
 if __name__ == "__main__":

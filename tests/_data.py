@@ -12,6 +12,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
+from lightning_lens.datasets import SpuriousDigits
+
 
 class DigitsSplit:
     """sklearn digits (8x8 -> 64 features in [0, 1]): train / calibration / test, stratified, seeded."""
@@ -42,3 +44,24 @@ class FlatDigits(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"x": self.x[i], "label": self.y[i], "index": self.ids[i]}
+
+
+class FlippedDigits(Dataset):
+    """The first ``n`` SpuriousDigits of a split as dict items, a seeded ``fraction`` of the labels flipped."""
+
+    def __init__(self, n: int, fraction: float = 0.1, split: str = "train", seed: int = 0) -> None:
+        data = SpuriousDigits(split, seed=0)
+        self.images = data.images[:n]
+        self.labels = data.labels[:n].clone()
+        self.flipped = torch.zeros(n, dtype=torch.bool)
+        if fraction:
+            gen = torch.Generator().manual_seed(seed)
+            chosen = torch.randperm(n, generator=gen)[: int(round(n * fraction))]
+            self.labels[chosen] = (self.labels[chosen] + torch.randint(1, 10, (len(chosen),), generator=gen)) % 10
+            self.flipped[chosen] = True
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": int(self.labels[i]), "index": int(i)}

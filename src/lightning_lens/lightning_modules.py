@@ -4,6 +4,8 @@
 - :class:`LitClassifier`: a plain cross-entropy classifier around any ``nn.Module`` (examples, tests, the demo).
 - :class:`ConceptBottleneckModule`: trains a :class:`~lightning_lens.interpretable_models.ConceptBottleneckModel`
   jointly, sequentially or independently (Koh et al. 2020).
+- :class:`SpuriousDigitsDataModule`: the ``SpuriousDigits`` splits as a ``LightningDataModule`` (quick start, examples,
+  LightningCLI).
 - :func:`fit_random_label_twin`: the fresh ``Trainer`` of :func:`~lightning_lens.sanity.data_randomization_test`.
 
 Everything else in the package is plain PyTorch and imports without Lightning installed; the public names stay
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_lens._pl import LightningModule, Trainer, rank_zero_warn
+from lightning_lens._pl import LightningModule, Trainer, pl, rank_zero_warn
 from lightning_lens.interpretable_models.concept_bottleneck import (
     ConceptBottleneckModel,
     ConceptBottleneckOutput,
@@ -62,7 +64,8 @@ from lightning_lens.utils.checks import (
     check_positive_number,
 )
 
-__all__ = ["ConceptBottleneckModule", "LitClassifier", "check_lightning_module", "fit_random_label_twin"]
+__all__ = ["ConceptBottleneckModule", "LitClassifier", "SpuriousDigitsDataModule", "check_lightning_module",
+           "fit_random_label_twin"]
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _TRAINING = ("joint", "sequential", "independent")
@@ -121,15 +124,21 @@ class LitClassifier(LightningModule):
         self.weight_decay = float(weight_decay)
         self.accessor = BatchAccessor(input_key=input_key, target_key=target_key)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model(*args, **kwargs)
+
+    def _call(self, x: Any) -> torch.Tensor:
+        """The model on a batch's inputs: a tuple is passed positionally, a dict as keyword arguments (text)."""
+        if isinstance(x, dict):
+            return self(**x)
+        return self(*x) if isinstance(x, tuple) else self(x)
 
     def _shared_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.accessor.inputs(batch)
         y = self.accessor.targets(batch)
         if y is None:
             raise ValueError("LitClassifier found no labels in the batch; pass target_key='<your key>'")
-        logits = self(x)
+        logits = self._call(x)
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"the model returned logits of shape {tuple(logits.shape)}, expected (B, {self.num_classes}); "
@@ -163,7 +172,7 @@ class LitClassifier(LightningModule):
         return self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        return self(self.accessor.inputs(batch))
+        return self._call(self.accessor.inputs(batch))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = self.model.parameters()
@@ -447,3 +456,72 @@ def fit_random_label_twin(
     epochs = int(trainer.current_epoch)
     twin._trainer = None
     return epochs
+
+
+# ----------------------------------------------------------------------------------------- SpuriousDigitsDataModule
+class SpuriousDigitsDataModule(pl.LightningDataModule):
+    """:class:`~lightning_lens.datasets.SpuriousDigits` as a ``LightningDataModule`` (train / val / test splits built
+    in memory from scikit-learn's bundled digits: nothing downloads).
+
+    Batches are dicts: ``image`` ``(B, 1, 32, 32)``, ``label``, ``index``, the metadata columns (``digit``,
+    ``shortcut_present``, ``thickness``, ...) that :class:`~lightning_lens.callbacks.SubgroupErrorSlices` slices on,
+    and the ``digit_mask``/``square_mask`` ground truth the quality metrics use.
+
+    Args:
+        batch_size: training batch size (the training loader shuffles with a generator seeded by ``seed``).
+        eval_batch_size: validation and test batch size.
+        seed: seed of the data set (split, shortcut positions) and of the shuffling.
+        train_shortcut_fraction: share of training images carrying the class-specific square.
+        eval_shortcut_mode: where the square sits in validation/test images (see ``SpuriousDigits``).
+        num_workers: DataLoader worker processes.
+
+    Example:
+        >>> dm = SpuriousDigitsDataModule(batch_size=32)
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> tuple(batch["image"].shape), len(dm.val_dataset) > 0
+        ((32, 1, 32, 32), True)
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        seed: int = 0,
+        train_shortcut_fraction: float = 0.9,
+        eval_shortcut_mode: str = "random",
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        from lightning_lens.utils.checks import check_fraction
+
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
+        self.eval_batch_size = check_int(eval_batch_size, "eval_batch_size", minimum=1)
+        self.seed = check_int(seed, "seed", minimum=0)
+        self.train_shortcut_fraction = check_fraction(train_shortcut_fraction, "train_shortcut_fraction",
+                                                      allow_zero=True)
+        self.eval_shortcut_mode = check_choice(eval_shortcut_mode, "eval_shortcut_mode",
+                                               ("random", "conflicting", "consistent", "absent"))
+        self.num_workers = check_int(num_workers, "num_workers", minimum=0)
+        self.save_hyperparameters()
+        self.train_dataset: Any = None
+        self.val_dataset: Any = None
+        self.test_dataset: Any = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        from lightning_lens.datasets import SpuriousDigits
+
+        if self.train_dataset is None:  # built once (well under a second), the same for every stage
+            splits = SpuriousDigits.splits(seed=self.seed, train_shortcut_fraction=self.train_shortcut_fraction,
+                                           eval_shortcut_mode=self.eval_shortcut_mode)
+            self.train_dataset, self.val_dataset, self.test_dataset = splits["train"], splits["val"], splits["test"]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers)

@@ -66,6 +66,9 @@ FAST_KWARGS = {
     "vargrad": {"n_samples": 6},
     "integrated_gradients": {"n_steps": 5},
     "occlusion": {"window": 4, "stride": 2},
+    "kernel_shap": {"n_samples": 24},  # 16 patch groups by default: sampled coalitions, not all 2^16
+    "lime": {"n_samples": 24},
+    "rise": {"n_masks": 16, "grid_size": 4},
 }
 
 

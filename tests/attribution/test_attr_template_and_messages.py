@@ -7,14 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from _attribution_methods import METHODS, MODEL_METHODS
 from lightning_lens.attribution import FunctionAttribution, Gradient, get_method, resolve_method
 from lightning_lens.attribution.base import ModelInputError
-
-METHODS = [
-    "gradient", "gradient_x_input", "smoothgrad", "smoothgrad_squared", "vargrad", "integrated_gradients",
-    "guided_backprop", "deconvnet", "gradcam", "hirescam", "guided_gradcam", "occlusion", "edge", "random",
-]
-MODEL_METHODS = [m for m in METHODS if m not in ("edge", "random")]
 
 
 def make(name: str, model: nn.Module, fast_kwargs: dict, **extra) -> object:
@@ -112,6 +107,12 @@ def test_a_missing_dimension_names_inputs_and_the_expected_shape(name, fast_kwar
                 r" multiplied|Given groups=1).*; check that inputs match what the model expects; its first layer '0'"
                 r" expects inputs of shape \(batch, 1, H, W\): one dimension is missing \(add it with"
                 r" inputs.unsqueeze\(1\)\)")
+    if name == "rise":  # RISE checks for images before any forward pass: its own message, with the same fix
+        expected = (r"inputs: RISE masks images, so inputs must have shape \(batch, channels, height, width\), got"
+                    r" \(1, 8, 8\); add the missing dimension \(inputs.unsqueeze\(1\) for a batch of one-channel")
+        with pytest.raises(ValueError, match=expected):
+            make(name, model, fast_kwargs).attribute(unbatched, target=0)
+        return
     with pytest.raises(ValueError, match=expected) as info:
         make(name, model, fast_kwargs).attribute(unbatched, target=0)
     assert info.value.shape == (1, 8, 8)

@@ -74,7 +74,8 @@ def test_fit_logs_table_curves_worst_accuracy_images_and_json(tmp_path):
     worst = ea.Scalars("slices/worst_accuracy")
     assert len(worst) == 2 and worst[-1].value == pytest.approx(min(s.accuracy for s in cb.last_slices))
     table = ea.Tensors("slices/top/text_summary")[-1].tensor_proto.string_val[0].decode()
-    assert "| 1 | colour=2 & size=1 | metadata |" in table and "error [95% CI]" in table
+    assert "| 1 | colour=2 & size=1 | metadata |" in table and "| CI low | CI high |" in table
+    assert table.rstrip().endswith("*") and "q: the slice's p-value" in table  # the legend line under the table
     image = ea.Images("slices/worst_examples")[-1]
     assert image.width > 64 and image.height >= 64
 

@@ -107,8 +107,8 @@ def test_console_summary_one_line_per_method(tmp_path, loaders, caplog):
     lines = summary.splitlines()
     assert lines[0] == f"RandomizationSanityCheck (end of fit, 4 probes, {check.last_report.num_stages} stages):"
     assert [line.strip() for line in lines[1:]] == render.verdict_lines(check.last_report)
-    assert [line.split(":")[0].strip() for line in lines[1:]] == ["gradient", "edge", "random"]
-    assert "edge: fails (spearman_signed" in summary
+    assert [line.split()[0].strip(":") for line in lines[1:]] == ["gradient", "edge", "random"]
+    assert "edge (control, expected: fails): fails (spearman_signed" in summary
 
 
 # ------------------------------------------------------------------------------------------- training is unchanged
@@ -132,7 +132,8 @@ def test_every_n_epochs_never_changes_training(tmp_path, loaders):
     assert len(tables) == 2
     with open(tables[-1]) as f:
         rows = list(csv.reader(f))
-    assert rows[0][:3] == ["method", "verdict", "metric"] and {r[0] for r in rows[1:]} >= {"gradient", "smoothgrad"}
+    assert rows[0][:4] == ["method", "verdict", "expected", "decided by"]
+    assert {r[0] for r in rows[1:]} >= {"gradient", "smoothgrad"}
     assert len(glob.glob(os.path.join(logger.log_dir, "lens", "sanity", "cascade", "*.png"))) == 2
 
 

@@ -41,7 +41,7 @@ class OddOutput(LightningModule):
 
     def forward(self, x):
         z = self.net(x)
-        return {"logits": z} if self.output == "dict" else z
+        return {"scores": z} if self.output == "dict" else z  # a mapping without "logits": needs output_fn
 
     def training_step(self, batch, batch_idx):
         self.trained_steps += 1
@@ -89,7 +89,8 @@ CASES = [
     ({"methods": ["gradient", "gradcam"]}, "mlp", "flat", ValueError,
      r"methods\[1\]='gradcam' needs a layer with a spatial .* the model has none .*remove it from methods"),
     ({"methods": ["gradient"]}, "dict", "images", ValueError,
-     r"forward returns dict.*\(batch, classes\) logits"),
+     r"forward returns dict for 2 inputs, which gives no \(batch, classes\) logits.*keys \['scores'\].*Give the"
+     r" callback output_fn="),
     ({"methods": ["gradient"]}, "binary", "images", ValueError,
      r"target='label'.*the labels hold class [1-9], but the model returns 1 logit\(s\) per example \(one logit: a"
      r" binary model\); use target='prediction'"),

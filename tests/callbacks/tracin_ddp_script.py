@@ -16,38 +16,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_lens.callbacks import TracInCallback
-from lightning_lens.datasets import SpuriousDigits
 from lightning_lens.lightning_modules import LitClassifier
 
 # tests/_ddp.py: tests/ is on sys.path under pytest (tests/conftest.py), not in this subprocess
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import _ddp  # noqa: E402
+from _data import FlippedDigits  # noqa: E402
 
 NUM_TRAIN, NUM_SCORED, STEP_BATCH = 96, 95, 32
-
-
-class FlippedDigits(Dataset):
-    """The first ``n`` SpuriousDigits of a split as dict items, a seeded ``fraction`` of the labels flipped."""
-
-    def __init__(self, n: int, fraction: float = 0.1, split: str = "train", seed: int = 0) -> None:
-        data = SpuriousDigits(split, seed=0)
-        self.images = data.images[:n]
-        self.labels = data.labels[:n].clone()
-        self.flipped = torch.zeros(n, dtype=torch.bool)
-        if fraction:
-            gen = torch.Generator().manual_seed(seed)
-            chosen = torch.randperm(n, generator=gen)[: int(round(n * fraction))]
-            self.labels[chosen] = (self.labels[chosen] + torch.randint(1, 10, (len(chosen),), generator=gen)) % 10
-            self.flipped[chosen] = True
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": int(self.labels[i]), "index": int(i)}
 
 
 def make_module(seed: int = 0, lr: float = 0.05, dropout: float = 0.0) -> LitClassifier:

@@ -57,7 +57,7 @@ def test_tensorboard_images_text_scalars(tmp_path):
     assert [e.step for e in images] == [5, 9]
     assert (images[0].width, images[0].height) == (6, 4)
     text = ea.Tensors("slices/top/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "| digit=3 | 0.5123 |" in text
+    assert "| digit=3 | 0.512 |" in text  # 3 significant figures (format_number)
     assert ea.Tensors("notes/text_summary")[0].tensor_proto.string_val[0].decode() == "**hello**"
     assert ea.Scalars("sanity/gradient/spearman")[0].value == pytest.approx(0.25)
     assert ea.Scalars("sanity/gradient/spearman")[0].step == 5

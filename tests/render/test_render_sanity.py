@@ -131,7 +131,7 @@ def test_similarity_figure_plots_each_methods_median_curve_band_and_floor():
     for ax, metric in zip(axes, report.metrics):
         lines = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
         floors = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
-        assert [line.get_label() for line in lines] == ["gradient", "edge"]
+        assert [line.get_label() for line in lines] == ["gradient", "edge (control)"]
         for line, name in zip(lines, ["gradient", "edge"]):
             np.testing.assert_allclose(line.get_ydata(), report.curve(name, metric).numpy(), rtol=0, atol=1e-6)
             np.testing.assert_array_equal(line.get_xdata(), np.arange(report.num_stages + 1))
@@ -141,7 +141,16 @@ def test_similarity_figure_plots_each_methods_median_curve_band_and_floor():
     # one shared x axis: the stage names once, under the last panel
     assert [t.get_text() for t in axes[-1].get_xticklabels()] == ["original", *report.stages]
     assert all(not label.get_visible() for ax in axes[:-1] for label in ax.get_xticklabels())
-    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["gradient", "edge"]
+    # the legend sits under the panels (never over the curves) and explains the dashed lines and the bands;
+    # "edge" is a control and says so
+    (legend,) = fig.legends
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts[:2] == ["gradient", "edge (control)"]
+    assert any(t.startswith("dashed: floor") for t in texts) and any(t.startswith("band: interquartile") for t in texts)
+    fig.canvas.draw()
+    box = legend.get_window_extent().transformed(fig.transFigure.inverted())
+    labels = axes[-1].get_xaxis().get_tightbbox().transformed(fig.transFigure.inverted())
+    assert box.y1 <= labels.y0  # under the stage names of the last panel
 
 
 def test_similarity_figure_band_is_the_interquartile_range_and_missing_metrics_are_left_out():
@@ -155,7 +164,7 @@ def test_similarity_figure_band_is_the_interquartile_range_and_missing_metrics_a
     spearman, hog = fig.axes
     assert spearman.get_ylabel() == "spearman_abs" and hog.get_ylabel() == "hog"
     # the legend names every method, also the one the first panel does not show
-    assert [t.get_text() for t in spearman.get_legend().get_texts()] == ["gradient", "hog_only"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()][:2] == ["gradient", "hog_only"]
     assert [line.get_label() for line in spearman.get_lines() if line.get_linestyle() == "-"] == ["gradient"]
     assert [line.get_label() for line in hog.get_lines() if line.get_linestyle() == "-"] == ["hog_only"]
     assert not [line for line in hog.get_lines() if line.get_linestyle() == "--"]  # no finite floor: no line
@@ -191,5 +200,6 @@ def test_verdict_lines_name_the_verdict_and_the_deciding_numbers():
     report.results["random"] = random
     assert verdict_lines(report) == [
         "gradient: passes (spearman_abs 0.550, floor 0.100, ceiling 1.000, normalized 0.500)",
-        "random: inconclusive (spearman_abs 0.100, floor 0.100, ceiling nan, normalized nan)",
+        "random (control, expected: inconclusive): inconclusive (spearman_abs 0.100, floor 0.100, ceiling nan,"
+        " normalized nan)",
     ]

@@ -92,12 +92,16 @@ def test_table_rows_hold_the_slices_statistics_and_the_exclusions():
                             accuracy=1 - errors.mean(), alpha=0.05, min_gap=0.05, max_rows=1, excluded=3)
     assert len(rows) == 2 and all(len(r) == len(TABLE_COLUMNS) for r in rows)
     top = slices[0]
-    assert rows[0][:6] == [1, top.name, "metadata", top.size, f"{top.fraction:.1%}", round(top.accuracy, 4)]
+    assert rows[0][:6] == [1, top.name, "metadata", top.size, round(top.fraction, 4), round(top.accuracy, 4)]
+    # numbers stay numbers (W&B sorts them): the error and its interval as three columns, q unrounded
+    by_column = dict(zip(TABLE_COLUMNS, rows[0]))
+    assert (by_column["error"], by_column["CI low"], by_column["CI high"]) == (
+        round(top.error_rate, 4), round(top.ci_low, 4), round(top.ci_high, 4))
+    assert by_column["q"] == top.q_value and isinstance(by_column["share"], float)
     assert rows[0][-1] == 2  # first seen from the tracker
-    assert rows[1][2:5] == ["excluded", 3, "0.1%"]
+    assert rows[1][2:5] == ["excluded", 3, round(3 / 2003, 4)]
     none = slice_table_rows([], n_samples=10, accuracy=0.5, alpha=0.01, min_gap=0.1)
-    assert none == [["-", "no slice with q <= 0.01 and gap >= 0.1", "", 10, "100%", 0.5, "", "", "", "", "", "", "",
-                     ""]]
+    assert none == [[None, "no slice with q <= 0.01 and gap >= 0.1", "", 10, 1.0, 0.5] + [None] * 8]
 
 
 def test_summary_names_the_top_slices_with_size_and_accuracy():

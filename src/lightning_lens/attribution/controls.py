@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lens.attribution.base import Attribution, Target
+from lightning_lens.attribution.base import Attribution, OutputFn, Target
 from lightning_lens.attribution.smoothgrad import _check_seed, private_generator
 
 
@@ -27,6 +27,8 @@ class EdgeDetector(Attribution):
 
     Args:
         model: ignored (accepted so that every method is built as ``Method(model)``).
+        output_fn, eval_mode: ignored, accepted as every method takes them (so one set of keyword arguments builds
+            any method).
 
     Example:
         >>> x = torch.zeros(1, 1, 4, 4); x[..., 2:] = 1.0
@@ -37,8 +39,10 @@ class EdgeDetector(Attribution):
     name = "edge"
     requires_model = False
 
-    def __init__(self, model: Optional[nn.Module] = None, *, eval_mode: bool = True) -> None:
-        super().__init__(model, eval_mode=eval_mode)
+    def __init__(
+        self, model: Optional[nn.Module] = None, *, output_fn: Optional[OutputFn] = None, eval_mode: bool = True
+    ) -> None:
+        super().__init__(model, output_fn=output_fn, eval_mode=eval_mode)
 
     def _attribute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
         """Sobel magnitudes shaped like ``inputs`` (``(B, C, H, W)``); ``target`` and ``abs`` change nothing."""
@@ -62,6 +66,7 @@ class RandomMap(Attribution):
 
     Args:
         model: ignored.
+        output_fn, eval_mode: ignored, accepted as every method takes them.
         seed: with an int, every call returns the same maps for the same input shape (a fixed control, so a
             randomization sanity check sees it unchanged and must flag it); ``None`` draws fresh maps from OS
             entropy on each call. Always drawn from a private ``torch.Generator``: the global RNG is untouched.
@@ -75,8 +80,15 @@ class RandomMap(Attribution):
     name = "random"
     requires_model = False
 
-    def __init__(self, model: Optional[nn.Module] = None, seed: Optional[int] = 0, *, eval_mode: bool = True) -> None:
-        super().__init__(model, eval_mode=eval_mode)
+    def __init__(
+        self,
+        model: Optional[nn.Module] = None,
+        seed: Optional[int] = 0,
+        *,
+        output_fn: Optional[OutputFn] = None,
+        eval_mode: bool = True,
+    ) -> None:
+        super().__init__(model, output_fn=output_fn, eval_mode=eval_mode)
         self.seed = _check_seed(seed)
 
     def _attribute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:

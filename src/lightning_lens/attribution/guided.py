@@ -18,13 +18,13 @@ executed no ReLU at all).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from lightning_lens.attribution.base import Attribution, Target, input_gradients
+from lightning_lens.attribution.base import Attribution, OutputFn, Target, input_gradients
 from lightning_lens.utils.checks import check_choice
 
 _RULES = ("guided", "deconv")
@@ -103,11 +103,13 @@ class ReLURule(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def rule_gradients(model: torch.nn.Module, inputs: torch.Tensor, target: Target, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+def rule_gradients(
+    model: torch.nn.Module, inputs: torch.Tensor, target: Target, rule: str, output_fn: Optional[OutputFn] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Input gradients with ``rule`` at every ReLU; returns ``(gradients, resolved_target)``."""
     mode = ReLURule(rule)
     with mode:
-        grads, resolved, _ = input_gradients(model, inputs, target)
+        grads, resolved, _ = input_gradients(model, inputs, target, output_fn=output_fn)
     if mode.count == 0:
         warnings.warn(
             f"the model's forward executed no ReLU, so {rule} backpropagation equals the plain gradient"
@@ -123,6 +125,12 @@ class GuidedBackprop(Attribution):
     Springenberg et al., "Striving for Simplicity: The All Convolutional Net", ICLR workshop 2015. Applies to every
     ReLU the forward executes, modules and functional calls alike (see the module docstring).
 
+    Args:
+        model: the classifier.
+        output_fn: maps the model's output to ``(B, C)`` or ``(B,)`` scores (see
+            :func:`~lightning_lens.attribution.base.model_scores`).
+        eval_mode: see :class:`~lightning_lens.attribution.base.Attribution`.
+
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
         >>> GuidedBackprop(model).attribute(torch.ones(1, 2), target=0).shape
@@ -133,7 +141,7 @@ class GuidedBackprop(Attribution):
     _rule = "guided"
 
     def _attribute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
-        return rule_gradients(self.model, inputs, target, self._rule)[0]
+        return rule_gradients(self.model, inputs, target, self._rule, self.output_fn)[0]
 
 
 class Deconvnet(GuidedBackprop):

@@ -18,12 +18,20 @@ from torch import nn
 
 from lightning_lens.attribution.base import Attribution, ExplainFn, FunctionAttribution, function_name
 from lightning_lens.attribution.controls import EdgeDetector, RandomMap
+from lightning_lens.attribution.feature_ablation import FeatureAblation
 from lightning_lens.attribution.gradcam import GradCAM, GuidedGradCAM, HiResCAM
 from lightning_lens.attribution.gradient import Gradient, GradientXInput
 from lightning_lens.attribution.guided import Deconvnet, GuidedBackprop
 from lightning_lens.attribution.integrated_gradients import IntegratedGradients
+from lightning_lens.attribution.kernel_shap import KernelSHAP
+from lightning_lens.attribution.lime import LIME
 from lightning_lens.attribution.occlusion import Occlusion
+from lightning_lens.attribution.lrp import LRP
+from lightning_lens.attribution.excitation import ExcitationBackprop
+from lightning_lens.attribution.rise import RISE
+from lightning_lens.attribution.cgi import CompetitiveGradientXInput
 from lightning_lens.attribution.smoothgrad import SmoothGrad, VarGrad
+from lightning_lens.attribution.rollout import AttentionRollout, GradientAttentionRollout
 
 Factory = Callable[..., Attribution]
 #: How users name a method: a registry name, ``(name, kwargs)``, a method object, a factory ``model -> method`` (a
@@ -45,8 +53,18 @@ _REGISTRY: dict[str, Factory] = {
     "hirescam": HiResCAM,
     "guided_gradcam": GuidedGradCAM,
     "occlusion": Occlusion,
+    "feature_ablation": FeatureAblation,
+    "kernel_shap": KernelSHAP,
+    "lime": LIME,
+    "lrp": LRP,
+    "excitation_backprop": ExcitationBackprop,
+    "contrastive_excitation_backprop": functools.partial(ExcitationBackprop, contrastive=True),
+    "rise": RISE,
+    "cgi": CompetitiveGradientXInput,
     "edge": EdgeDetector,
     "random": RandomMap,
+    "attention_rollout": AttentionRollout,
+    "gradient_rollout": GradientAttentionRollout,
 }
 #: other spellings users reach for (Captum's class names, abbreviations); they map to the names above.
 _ALIASES = {
@@ -62,7 +80,16 @@ _ALIASES = {
     "guided_grad_cam": "guided_gradcam",
     "edge_detector": "edge",
     "sobel": "edge",
+    "layerwise_relevance_propagation": "lrp",
+    "excitation_backprop_contrastive": "contrastive_excitation_backprop",
+    "c_mwp": "contrastive_excitation_backprop",
+    "competitive_gradient_x_input": "cgi",
     "random_map": "random",
+    "ablation": "feature_ablation",
+    "kernelshap": "kernel_shap",
+    "shap": "kernel_shap",
+    "rollout": "attention_rollout",
+    "gradient_attention_rollout": "gradient_rollout",
 }
 
 

@@ -21,7 +21,15 @@ It owns what each callback would otherwise write again, and what makes a monitor
 * **a dry run at setup** — :meth:`check_setup` is called once at ``on_fit_start`` (or the start of
   ``trainer.validate()``) with one validation batch on the module's device, before the first training step:
   subclasses resolve their methods, layers and keys there and raise ``TypeError``/``ValueError`` naming the argument.
+  The batch is read once and shared by the callbacks of the trainer; the dry run's time counts against
+  ``max_overhead`` (it is the callback's own work), so a dear check leaves less room for the epochs in between.
 * ``state_key`` from :meth:`_state_key_fields`, and ``warn_once``.
+* **a console summary at the end of fit** — :meth:`summary` (a subclass builds its text with the pure functions of
+  :mod:`lightning_lens.report.summaries`) is logged once through the ``lightning_lens`` logger on rank zero, after
+  the subclass's own ``on_fit_end``. The rule: it is logged when ``verbose`` is true and both the ``lightning_lens``
+  logger and Lightning's own logger (``pytorch_lightning``) print INFO lines, so silencing Lightning's console output
+  the way its documentation shows (``logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)``) silences the
+  summaries too.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import logging
 import time
 import traceback
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, TypeVar
 
@@ -39,7 +48,8 @@ import torch
 from lightning_lens._pl import Callback, pl
 from lightning_lens.utils.checks import check_bool, check_int
 
-__all__ = ["LensCallback", "OverheadBudget", "check_displayable", "first_validation_batch", "log"]
+__all__ = ["LensCallback", "OverheadBudget", "check_displayable", "first_validation_batch", "log",
+           "summaries_enabled"]
 
 #: the package's console logger. Like Lightning's own, it prints INFO lines to stderr unless the application has set
 #: up logging itself (a handler on the root logger); silence it with
@@ -147,6 +157,8 @@ class LensCallback(Callback):
             last epoch of a fit always run; epochs in between are skipped when the budget is spent, with a log line.
         strict: re-raise exceptions from the callback's own work instead of reporting them and continuing.
         max_failures: failures in a row after which a part (one method, the rendering) is switched off.
+        verbose: log :meth:`summary` at the end of fit (see the module docstring for the rule); also settable later as
+            ``callback.verbose = False``.
     """
 
     #: ``Callback.state_key`` fields; subclasses override :meth:`_state_key_fields`.
@@ -157,8 +169,12 @@ class LensCallback(Callback):
         max_overhead: Optional[float] = 0.05,
         strict: bool = False,
         max_failures: int = 3,
+        verbose: bool = True,
     ) -> None:
         super().__init__()
+        self.verbose = check_bool(verbose, "verbose")
+        self.run_epochs: list[int] = []  # epochs of fit whose periodic work was due (for the summary)
+        self._summary_logged = False
         self.every_n_epochs = None if every_n_epochs is None else check_int(every_n_epochs, "every_n_epochs", 1)
         self.budget = OverheadBudget(max_overhead)
         self.strict = check_bool(strict, "strict")
@@ -182,6 +198,9 @@ class LensCallback(Callback):
             fn = cls.__dict__.get(hook)
             if fn is not None and not getattr(fn, "_lens_guarded", False):
                 setattr(cls, hook, _guard_hook(fn, hook))
+        fn = cls.__dict__.get("on_fit_end")
+        if fn is not None and not getattr(fn, "_lens_summary_after", False):
+            setattr(cls, "on_fit_end", _summary_after(fn))
         for hook in ("setup", "on_fit_start", "on_validation_start"):  # the base's part runs first, even when a subclass forgets super()
             fn = cls.__dict__.get(hook)
             if fn is not None and not getattr(fn, "_lens_base_first", False):
@@ -205,6 +224,8 @@ class LensCallback(Callback):
         if stage == "fit":
             self._first_epoch = None
             self._due = None
+            self.run_epochs = []
+            self._summary_logged = False
             self.budget.start()
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -223,8 +244,9 @@ class LensCallback(Callback):
         if self._dry_run_done:
             return
         self._dry_run_done = True
-        batch = first_validation_batch(trainer, pl_module)
+        start = time.perf_counter()
         try:
+            batch = first_validation_batch(trainer, pl_module)
             self.check_setup(trainer, pl_module, batch)
         except (TypeError, ValueError):
             raise
@@ -236,6 +258,10 @@ class LensCallback(Callback):
                 f"{self.name}: the check of its configuration on one validation batch failed with"
                 f" {type(err).__name__}: {err}. Training continues; the callback will report failures as they occur.",
             )
+        finally:  # the dry run is the callback's own work: it counts against max_overhead like any hook
+            if not any(isinstance(cb, LensCallback) and not cb._dry_run_done for cb in getattr(trainer, "callbacks", ())):
+                _FIRST_BATCHES.pop(trainer, None)  # the last dry run of this trainer: do not hold the batch
+            self.budget.spend(time.perf_counter() - start)
 
     # ------------------------------------------------------------------------------------------------------ due epochs
     def is_due(self, trainer: "pl.Trainer") -> bool:
@@ -251,6 +277,8 @@ class LensCallback(Callback):
         if trainer.world_size > 1:
             decision = bool(trainer.strategy.broadcast(decision, src=0))
         self._due = (fn, epoch, decision)
+        if decision and fn == "fit" and epoch not in self.run_epochs:
+            self.run_epochs.append(epoch)
         return decision
 
     def _decide(self, trainer: "pl.Trainer", fn: Any, epoch: int) -> bool:
@@ -358,6 +386,27 @@ class LensCallback(Callback):
             self._warned.add(key)
             warnings.warn(message, UserWarning, stacklevel=2)
 
+    # --------------------------------------------------------------------------------------------------- console summary
+    def summary(self) -> Optional[str]:
+        """The callback's results in a few lines for the console at the end of fit, or None when there is nothing to
+        report (subclasses override it; the base logs it, see the module docstring)."""
+        return None
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._log_summary(trainer)
+
+    def _log_summary(self, trainer: "pl.Trainer") -> None:
+        """Log :meth:`summary` once per fit on rank zero when the verbosity rule allows (a failure is reported like
+        any part's and never ends the run)."""
+        if self._summary_logged or not getattr(trainer, "is_global_zero", True):
+            return
+        self._summary_logged = True
+        if not summaries_enabled(self.verbose):
+            return
+        text = self.run_part(trainer, "console summary", self.summary)
+        if text:
+            log.info(text)
+
     # ------------------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {"version": 2, "disabled": sorted(self.disabled)}
@@ -386,6 +435,32 @@ def _guard_hook(fn: Callable[..., Any], hook: str) -> Callable[..., Any]:
 
     guarded._lens_guarded = True  # type: ignore[attr-defined]
     return guarded
+
+
+def _summary_after(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A subclass's ``on_fit_end`` followed by the console summary (also when the subclass's hook failed)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: LensCallback, trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, trainer, *args, **kwargs)
+        finally:
+            self._log_summary(trainer)
+
+    wrapper._lens_summary_after = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def summaries_enabled(verbose: bool = True) -> bool:
+    """Whether end-of-fit summaries are logged: ``verbose`` and both the ``lightning_lens`` logger and Lightning's
+    own logger enabled for INFO.
+
+    Example:
+        >>> summaries_enabled(verbose=False)
+        False
+    """
+    return bool(verbose) and log.isEnabledFor(logging.INFO) and logging.getLogger(pl.__name__).isEnabledFor(
+        logging.INFO)
 
 
 def _base_first(fn: Callable[..., Any], base: Callable[..., Any]) -> Callable[..., Any]:
@@ -417,12 +492,35 @@ def _known_fix(err: BaseException) -> Optional[str]:
     return next((fix for needle, fix in _FIXES if needle in text), None)
 
 
+#: trainer -> ((fn, global step, module id), batch): the dry-run batch read once and shared by the callbacks of a
+#: trainer (weak keys: nothing outlives the trainer)
+_FIRST_BATCHES: "weakref.WeakKeyDictionary[Any, tuple[tuple[Any, int, int], Any]]" = weakref.WeakKeyDictionary()
+
+
 def first_validation_batch(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Any:
     """One batch of the first validation dataloader, on the module's device, or None when there is none.
 
     Read before the validation loop has set up its data (the dry run at ``on_fit_start``), through the loop's data
     source, which calls the ``val_dataloader`` hook of the datamodule or module or returns the loaders given to fit.
+    The batch is read once per trainer and run (``fit`` or ``validate``, global step, module) and shared by every
+    callback's dry run, so ``check_setup`` must not change it in place (take copies of what it modifies).
     """
+    key = (trainer.state.fn, int(getattr(trainer, "global_step", 0)), id(pl_module))
+    try:
+        cached = _FIRST_BATCHES.get(trainer)
+    except TypeError:  # a trainer that cannot be weakly referenced (a test double): no sharing
+        cached = None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    batch = _read_first_validation_batch(trainer, pl_module)
+    try:
+        _FIRST_BATCHES[trainer] = (key, batch)
+    except TypeError:
+        pass
+    return batch
+
+
+def _read_first_validation_batch(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Any:
     loop = trainer.fit_loop.epoch_loop.val_loop if trainer.state.fn == "fit" else trainer.validate_loop
     try:
         loaders = getattr(trainer, "val_dataloaders", None)

@@ -102,6 +102,7 @@ class ConceptMonitor(LensCallback):
         max_overhead: the share of fit time the monitor may use; epochs in between are skipped to stay within it
             (None: no limit).
         strict: raise the monitor's own errors instead of reporting them and carrying on.
+        verbose: log a summary at the end of fit (see :class:`~lightning_lens.callbacks._base.LensCallback`).
 
     Example:
         >>> monitor = ConceptMonitor(policies=("random", "uncertainty"), num_random_orders=5)
@@ -126,9 +127,10 @@ class ConceptMonitor(LensCallback):
         index_key: Key = None,
         max_overhead: Optional[float] = 0.05,
         strict: bool = False,
+        verbose: bool = True,
     ) -> None:
         super().__init__(every_n_epochs=check_int(every_n_epochs, "every_n_epochs", minimum=1),
-                         max_overhead=max_overhead, strict=strict)
+                         max_overhead=max_overhead, strict=strict, verbose=verbose)
         if concept_names is not None:
             if isinstance(concept_names, str):
                 raise TypeError("concept_names must be a sequence of names, one per concept, got a single string")
@@ -227,8 +229,7 @@ class ConceptMonitor(LensCallback):
             self.record_run_cost(self._work_seconds + time.perf_counter() - start)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if trainer.is_global_zero and self.last_evaluation is not None:
-            log.info(f"ConceptMonitor (epoch {self.last_epoch}): {self.last_evaluation.summary()}")
+        if trainer.is_global_zero and self.last_evaluation is not None:  # the summary line follows (the base's)
             self._warn_falling()
 
     # ------------------------------------------------------------------------------------------------ collecting
@@ -344,7 +345,9 @@ class ConceptMonitor(LensCallback):
         from lightning_lens.loggers import log_scalars, log_table
 
         log_scalars(trainer, self.last_metrics)
-        log_table(trainer, "concepts/per_concept", ["concept", "acc", "auroc"], evaluation.table_rows())
+        log_table(trainer, "concepts/per_concept", ["concept", "acc", "auroc"], evaluation.table_rows(),
+                  legend="acc: accuracy of the predicted concept on the validation data; auroc: area under its ROC"
+                         " curve (0.5 = chance; nan when the concept takes a single value there)")
 
     def _log_figure(self, trainer: "pl.Trainer", evaluation: ConceptEvaluation) -> None:
         from lightning_lens.loggers import log_figure
@@ -388,3 +391,9 @@ class ConceptMonitor(LensCallback):
             raise ValueError(f"ConceptMonitor needs one ConceptBottleneckModel in the LightningModule and found {what}"
                              "; pass model_attr='<dotted name>'")
         return found[0]
+
+    def summary(self) -> Optional[str]:
+        """The headline numbers of the last evaluation: task and concept accuracy, intervention curves."""
+        if self.last_evaluation is None:
+            return None
+        return f"ConceptMonitor (epoch {self.last_epoch}): {self.last_evaluation.summary()}"

@@ -21,7 +21,13 @@ from lightning_lens.loggers import log_image, log_json, log_scalars, log_table, 
 from lightning_lens.slices import Slice, SliceFinder
 from lightning_lens.slices.binning import as_column
 from lightning_lens.slices.outcomes import EXCLUSION_REASONS, classification_outcomes
-from lightning_lens.slices.report import TABLE_COLUMNS, labelled_image_rows, slice_table_rows, summarize_slices
+from lightning_lens.slices.report import (
+    TABLE_COLUMNS,
+    TABLE_LEGEND,
+    labelled_image_rows,
+    slice_table_rows,
+    summarize_slices,
+)
 from lightning_lens.slices.reservoir import Reservoir
 from lightning_lens.slices.shards import Gather, Sum
 from lightning_lens.slices.tracking import SliceTracker
@@ -128,6 +134,7 @@ class SubgroupErrorSlices(LensCallback):
         seed: seed of the clustering and the reservoir.
         max_overhead: fraction of fit time the callback may use (None: no limit).
         strict: raise the callback's own failures instead of reporting them and continuing.
+        verbose: log a summary at the end of fit (see :class:`~lightning_lens.callbacks._base.LensCallback`).
         max_failures: failures in a row after which a part (the search, the table, the grid, ...) is switched off.
         **finder_kwargs: further :class:`~lightning_lens.slices.SliceFinder` arguments (``correction``, ``n_bins``,
             ``n_clusters``, ``cluster_method``, ``score_alpha``, ``max_jaccard``, ``fit_rows``, ...).
@@ -161,11 +168,12 @@ class SubgroupErrorSlices(LensCallback):
         seed: int = 0,
         max_overhead: Optional[float] = 0.05,
         strict: bool = False,
+        verbose: bool = True,
         max_failures: int = 3,
         **finder_kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=check_int(every_n_epochs, "every_n_epochs", minimum=1),
-                         max_overhead=max_overhead, strict=strict, max_failures=max_failures)
+                         max_overhead=max_overhead, strict=strict, verbose=verbose, max_failures=max_failures)
         for name, value in finder_kwargs.items():
             if name in _OWN_FINDER_ARGS:
                 raise TypeError(f"SubgroupErrorSlices got {name}={value!r}: {_OWN_FINDER_ARGS[name]}")
@@ -366,10 +374,6 @@ class SubgroupErrorSlices(LensCallback):
             self._report(trainer, result["local"])
         self._reservoir.reset()
         self.record_run_cost(self._work_seconds + time.perf_counter() - start)
-
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if trainer.is_global_zero and self._summary is not None:
-            log.info("%s (%s): %s", self.name, self.log_prefix, self._summary)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._remove_hook()
@@ -576,7 +580,8 @@ class SubgroupErrorSlices(LensCallback):
         rows = slice_table_rows(slices, names=local["names"], first_seen=first_seen, epoch=local["epoch"],
                                 max_rows=self.max_table_rows, n_samples=n, accuracy=accuracy or 0.0,
                                 alpha=self.finder.alpha, min_gap=self.finder.min_gap, excluded=excluded)
-        self.run_part(trainer, "table", log_table, trainer, f"{self.log_prefix}/top", TABLE_COLUMNS, rows, step=step)
+        self.run_part(trainer, "table", log_table, trainer, f"{self.log_prefix}/top", TABLE_COLUMNS, rows, step=step,
+                      legend=TABLE_LEGEND)
         payload = {
             "epoch": local["epoch"], "global_step": step, "n_samples": n, "overall_accuracy": accuracy,
             "excluded": {"total": excluded, **local["excluded"]}, "search": local["report"],
@@ -603,8 +608,10 @@ class SubgroupErrorSlices(LensCallback):
                   for sid, _ in images[: self.num_images]]
         caption = (f"{s.name}: accuracy {s.accuracy:.3f} on {s.size} samples "
                    f"(rest {1 - s.rest_rate:.3f}); misclassified members, highest loss first")
-        log_image(trainer, f"{self.log_prefix}/worst_examples", labelled_image_rows(cells, labels), step=step,
-                  caption=caption)
+        title = (f"slice {s.name} (epoch {trainer.current_epoch}): accuracy {s.accuracy:.3f} on n={s.size},"
+                 " misclassified members")
+        log_image(trainer, f"{self.log_prefix}/worst_examples", labelled_image_rows(cells, labels, title=title),
+                  step=step, caption=caption)
 
     def _fetch_inputs(self, trainer: "pl.Trainer", ids: np.ndarray) -> list[tuple[int, torch.Tensor]]:
         """Inputs of the given ids: re-read from the validation dataset by index when possible, else the reservoir."""
@@ -624,6 +631,10 @@ class SubgroupErrorSlices(LensCallback):
                 pass
         stored = self._reservoir.as_dict()
         return [(i, stored[i]) for i in wanted if i in stored]
+
+    def summary(self) -> Optional[str]:
+        """The top slices of the last analysed epoch with their size and accuracy (logged at the end of fit)."""
+        return None if self._summary is None else f"{self.name} ({self.log_prefix}): {self._summary}"
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -117,6 +117,7 @@ class KNNMemoryRefresh(LensCallback):
         input_key, target_key, index_key: where inputs, labels and dataset indices are in a batch.
         max_overhead: a time budget as a fraction of fit time (None: none; see above).
         strict: raise the refresh's exceptions instead of reporting them.
+        verbose: log a summary at the end of fit (see :class:`~lightning_lens.callbacks._base.LensCallback`).
         max_failures: refresh failures in a row after which it is switched off.
 
     Example:
@@ -133,10 +134,13 @@ class KNNMemoryRefresh(LensCallback):
         index_key: Key = None,
         max_overhead: Optional[float] = None,
         strict: bool = False,
+        verbose: bool = True,
         max_failures: int = 3,
     ) -> None:
         # the base's every_n_epochs is the due rule of validation-time work, which this callback does not have
-        super().__init__(every_n_epochs=None, max_overhead=max_overhead, strict=strict, max_failures=max_failures)
+        super().__init__(
+            every_n_epochs=None, max_overhead=max_overhead, strict=strict, verbose=verbose, max_failures=max_failures
+        )
         self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", minimum=0)
         self.dataloader = check_optional(check_instance, dataloader, "dataloader", DataLoader)
         if embed is not None and not callable(embed):

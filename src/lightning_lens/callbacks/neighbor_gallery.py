@@ -70,6 +70,7 @@ class NeighborGallery(LensCallback):
         log_prefix: first component of every logged tag.
         max_overhead: the callback's time as a fraction of fit time (None: no limit).
         strict: raise the callback's exceptions instead of reporting them and continuing.
+        verbose: log a summary at the end of fit (see :class:`~lightning_lens.callbacks._base.LensCallback`).
         max_failures: failures in a row after which a part (the gallery, the linear probe, ...) is switched off.
 
     Example:
@@ -94,10 +95,12 @@ class NeighborGallery(LensCallback):
         log_prefix: str = "knn",
         max_overhead: Optional[float] = 0.05,
         strict: bool = False,
+        verbose: bool = True,
         max_failures: int = 3,
     ) -> None:
         super().__init__(
-            every_n_epochs=every_n_epochs, max_overhead=max_overhead, strict=strict, max_failures=max_failures
+            every_n_epochs=every_n_epochs, max_overhead=max_overhead, strict=strict, verbose=verbose,
+            max_failures=max_failures,
         )
         self.k = check_optional(check_int, k, "k", minimum=1)
         if train_dataset is not None and not hasattr(train_dataset, "__getitem__"):
@@ -307,7 +310,7 @@ class NeighborGallery(LensCallback):
             predictions = head(emb).argmax(1)
         image = neighbor_gallery_image(
             probes.inputs, nb, predictions, lambda i: self._neighbor_input(dataset, i), probes.targets,
-            self.denormalize,
+            self.denormalize, title=f"nearest training neighbours of the probes (epoch {trainer.current_epoch})",
         )
         log_image(trainer, f"{self.log_prefix}/gallery", image)
         self.last_neighbors = nb
@@ -320,3 +323,11 @@ class NeighborGallery(LensCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._collector.load_state_dict(state_dict)
+
+    def summary(self) -> Optional[str]:
+        """The kNN head's headline numbers at the last evaluated epoch (logged at the end of fit)."""
+        from lightning_lens.report.summaries import knn_summary
+
+        if not getattr(self, "last_metrics", None):
+            return None
+        return knn_summary(self.last_metrics, self.run_epochs[-1] if self.run_epochs else None, title=self.name)

@@ -13,10 +13,13 @@ Tags written (``<method>`` is a registry name such as ``gradient`` or ``integrat
 ``sanity/cascade``                     image: rows are methods (one block of rows per shown probe), columns the input,
                                        the original model's map, then the map after each randomization stage (the
                                        paper's Figure 2; normalized absolute maps)
-``sanity/similarity``                  figure: one panel per metric; x the stages, one line per method (median over
-                                       the probes, band: interquartile range), dashed: the method's floor
-``sanity/verdicts``                    table (TensorBoard markdown text, W&B table, CSV file): verdict, the numbers
-                                       behind it, every metric at full randomization
+``sanity/similarity``                  figure of the verdict's metric: x the stages, one line per method (median over
+                                       the probes, band: interquartile range), dashed: the method's floor; controls
+                                       marked; the legend right of the plot explains the line styles
+``sanity/similarity/<metric>``         the same figure for each other metric of ``figure_metrics``
+``sanity/verdicts``                    table (TensorBoard markdown text, W&B table, CSV file): verdict, the verdict a
+                                       control is expected to get, the deciding metric and its numbers; a legend line
+                                       explains the columns and why each method got its verdict
 ``sanity/report``                      JSON file with the whole report (curves, controls, verdicts, settings)
 ``sanity/<method>/<metric>``           scalar: median similarity at full randomization
 ``sanity/<method>/verdict``            scalar: +1 passes, 0 inconclusive, -1 fails
@@ -42,6 +45,7 @@ from lightning_lens.utils.batch import Key
 from lightning_lens.utils.checks import (
     check_bool,
     check_choice,
+    check_float,
     check_instance,
     check_int,
     check_optional,
@@ -101,9 +105,9 @@ class RandomizationSanityCheck(ProbeCallback):
         target: explain the probes' ``"label"``, the original ``"prediction"`` (both fixed across stages), or each
             stage's ``"randomized_prediction"`` (the paper's code).
         metrics: similarity metrics (default: all that apply; see :class:`~lightning_lens.sanity.MapSimilarity`).
-        figure_metrics: the metrics ``sanity/similarity`` shows a panel for, besides the verdict's metric (None: every
-            computed metric). Each panel costs about 0.04 s to draw; the default shows the two Spearman correlations,
-            the others are in the table, the scalars and the JSON report.
+        figure_metrics: the metrics drawn as figures, besides the verdict's metric (``sanity/similarity``); each other
+            one is ``sanity/similarity/<metric>`` (None: every computed metric). Each costs about 0.05 s to draw; the
+            default shows the two Spearman correlations, the others are in the scalars and the JSON report.
         rule: the verdict thresholds (:class:`~lightning_lens.sanity.VerdictRule`).
         seed: seed of the randomization's private generator.
         grid_probes: how many probes the cascade image shows (0: no image, and no maps kept). One by default: the
@@ -113,6 +117,13 @@ class RandomizationSanityCheck(ProbeCallback):
         max_overhead: the share of fit time the checks every ``n`` epochs may use (None: no limit); the check at the
             end of fit always runs.
         strict: raise the callback's own failures instead of reporting them and continuing (for tests, debugging).
+        verbose: log a summary at the end of fit (see :class:`~lightning_lens.callbacks._base.LensCallback`).
+        smooth_samples, smooth_noise: smooth MPRT (Hedström et al. 2023): every map is the mean of the method's maps
+            of ``smooth_samples`` noisy copies of the probes (noise ``smooth_noise`` times each probe's value range),
+            so noise in the attributions does not pass for sensitivity to the weights (see
+            :func:`~lightning_lens.sanity.cascading_randomization`). Default ``1`` and ``0.0``: the plain test; the
+            paper uses 50 and 0.1. The check costs ``smooth_samples`` times as much. Recorded in the report JSON
+            (``smooth_mprt``) and the verdict table's legend.
 
     Raises:
         ValueError: for a choice outside the allowed values, ``num_probes < 2``, ``every_n_epochs < 1``, empty
@@ -151,11 +162,14 @@ class RandomizationSanityCheck(ProbeCallback):
         input_key: Key = None,
         target_key: Key = None,
         index_key: Key = None,
-        cell_size: int = 48,
+        cell_size: int = 64,
         max_overhead: Optional[float] = 0.05,
         strict: bool = False,
+        verbose: bool = True,
+        smooth_samples: int = 1,
+        smooth_noise: float = 0.0,
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, max_overhead=max_overhead, strict=strict)
+        super().__init__(every_n_epochs=every_n_epochs, max_overhead=max_overhead, strict=strict, verbose=verbose)
         from lightning_lens.sanity import ALL_METRICS, MapSimilarity, VerdictRule
         from lightning_lens.sanity._common import normalize_methods
 
@@ -181,6 +195,8 @@ class RandomizationSanityCheck(ProbeCallback):
         self.seed = check_int(seed, "seed")
         self.grid_probes = check_int(grid_probes, "grid_probes", minimum=0)
         self.cell_size = check_int(cell_size, "cell_size", minimum=8)
+        self.smooth_samples = check_int(smooth_samples, "smooth_samples", minimum=1)
+        self.smooth_noise = check_float(smooth_noise, "smooth_noise", minimum=0.0)
         self._accessor = BatchAccessor(input_key=input_key, target_key=target_key, index_key=index_key)
         self._collector = ProbeCollector(self.num_probes, self._accessor, self.probe_seed, probes, owner=self)
         self._last_report: Any = None
@@ -199,8 +215,15 @@ class RandomizationSanityCheck(ProbeCallback):
 
     @override
     def _state_key_fields(self) -> dict[str, Any]:
-        return {"methods": self.method_names, "mode": self.mode, "num_probes": self.num_probes,
-                "probe_seed": self.probe_seed}
+        fields = {"methods": self.method_names, "mode": self.mode, "num_probes": self.num_probes,
+                  "probe_seed": self.probe_seed}
+        if self._smoothed:  # only then: the plain check keeps its key (and its checkpoints)
+            fields["smooth_mprt"] = [self.smooth_samples, self.smooth_noise]
+        return fields
+
+    @property
+    def _smoothed(self) -> bool:
+        return self.smooth_samples > 1 or self.smooth_noise > 0
 
     # ----------------------------------------------------------------------------------------------------------- setup
     @override
@@ -362,7 +385,8 @@ class RandomizationSanityCheck(ProbeCallback):
             log.log(level, "RandomizationSanityCheck: stage %d/%d (%s) done, %.1fs", stage, total, layer, elapsed)
 
         options = dict(order=self.order, layers=self.layers, batchnorm=self.batchnorm, similarity=self.similarity,
-                       rule=self.rule, seed=self.seed, keep_maps=self.grid_probes > 0, progress=progress)
+                       rule=self.rule, seed=self.seed, keep_maps=self.grid_probes > 0, progress=progress,
+                       smooth_samples=self.smooth_samples, smooth_noise=self.smooth_noise)
         try:  # the usual case: one pass over the stages for every method
             report = run(pl_module, inputs, target, dict(specs), controls=self.controls, **options)
         except Exception:
@@ -402,11 +426,15 @@ class RandomizationSanityCheck(ProbeCallback):
             if image is not None:
                 loggers.log_image(trainer, "sanity/cascade", image, step=step, caption=(
                     f"{report.mode} randomization ({report.order}); rows: methods per probe, columns: input,"
-                    " original, then each randomized stage"))
+                    " original, then each randomized stage (layer names shortened, full names: "
+                    + ", ".join(report.stages) + "); controls are marked with their expected verdict"))
 
         def table() -> None:
-            columns, rows = report.to_table()
-            loggers.log_table(trainer, "sanity/verdicts", columns, rows, step=step)
+            columns, rows, legend = render.verdict_table(report)
+            if self._smoothed:
+                legend += (f" Smooth MPRT: every map is the mean over {self.smooth_samples} noisy copies of the probes"
+                           f" (noise {self.smooth_noise:g} x each probe's value range).")
+            loggers.log_table(trainer, "sanity/verdicts", columns, rows, step=step, legend=legend)
 
         def scalars() -> None:
             values: dict[str, float] = {}
@@ -421,18 +449,29 @@ class RandomizationSanityCheck(ProbeCallback):
             loggers.log_scalars(trainer, values, step=step)
 
         def figure() -> None:
-            shown = None
+            # one figure per metric, readable in a TensorBoard card: the deciding metric under sanity/similarity,
+            # the others under sanity/similarity/<metric>
+            shown = report.metrics
             if self.figure_metrics is not None:
-                shown = [m for m in report.metrics if m in self.figure_metrics or m == self.rule.metric] or None
-            loggers.log_figure(trainer, "sanity/similarity", render.similarity_figure(report, shown), step=step)
+                shown = [m for m in report.metrics if m in self.figure_metrics or m == self.rule.metric]
+            for metric in sorted(shown, key=lambda m: m != self.rule.metric):
+                tag = "sanity/similarity" if metric == self.rule.metric else f"sanity/similarity/{metric}"
+                loggers.log_figure(trainer, tag, render.similarity_figure(report, [metric]), step=step)
 
         if self.grid_probes:
             self.run_part(trainer, "cascade grid", cascade)
         self.run_part(trainer, "similarity figure", figure)
         self.run_part(trainer, "verdict table", table)
         self.run_part(trainer, "report JSON", lambda: loggers.log_json(
-            trainer, "sanity/report", report.to_dict(include_per_example=False), step=step))
+            trainer, "sanity/report", {**report.to_dict(include_per_example=False), "smooth_mprt": {
+                "samples": self.smooth_samples, "noise": self.smooth_noise}}, step=step))
         self.run_part(trainer, "scalars", scalars)
+
+    def summary(self) -> Optional[str]:
+        """The last check's verdict table for the console (logged at the end of fit by the base)."""
+        from lightning_lens.report.summaries import sanity_summary
+
+        return None if self._last_report is None else sanity_summary(self._last_report)
 
 
 def _part(label: str) -> str:

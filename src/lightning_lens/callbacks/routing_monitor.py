@@ -114,6 +114,7 @@ class RoutingMonitor(LensCallback):
         max_overhead: the share of fit time the monitor may use; epochs in between are skipped to stay within it
             (None: no limit).
         strict: raise the monitor's own errors instead of reporting them and carrying on.
+        verbose: log a summary at the end of fit (see :class:`~lightning_lens.callbacks._base.LensCallback`).
 
     Example:
         >>> monitor = RoutingMonitor(ablation_every_n_epochs=5, collapse_threshold=0.6)
@@ -138,9 +139,10 @@ class RoutingMonitor(LensCallback):
         every_n_epochs: int = 1,
         max_overhead: Optional[float] = 0.05,
         strict: bool = False,
+        verbose: bool = True,
     ) -> None:
         super().__init__(every_n_epochs=check_int(every_n_epochs, "every_n_epochs", minimum=1),
-                         max_overhead=max_overhead, strict=strict)
+                         max_overhead=max_overhead, strict=strict, verbose=verbose)
         self.layer_names = None if layers is None else list(check_str_list([layers] if isinstance(layers, str)
                                                                            else layers, "layers"))
         self.num_classes = check_optional(check_int, num_classes, "num_classes", minimum=1)
@@ -258,15 +260,6 @@ class RoutingMonitor(LensCallback):
         finally:
             self.record_run_cost(self._work_seconds + time.perf_counter() - start)
             self._reset()
-
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not trainer.is_global_zero or not self.last_statistics:
-            return
-        experts = {name: [e for e in range(layer.num_experts) if e not in layer.masked_experts]
-                   for name, layer in self._layers}
-        lines = [f"{name or '<module>'}: {routing_summary(stats, self.last_ablation.get(name), experts.get(name))}"
-                 for name, stats in self.last_statistics.items()]
-        log.info(f"RoutingMonitor (epoch {self.last_epoch}): " + "; ".join(lines))
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._stop()
@@ -421,6 +414,7 @@ class RoutingMonitor(LensCallback):
             tag = _layer_tag(name)
             losses = routing_losses(rows, router, layer.num_experts)
             log_scalars(trainer, {f"moe/{tag}/{key}": value for key, value in routing_scalars(stats, losses).items()})
+            _log_expert_layout(trainer, tag, ("load", "purity"))
         return stats
 
     def _log_class_counts(self, trainer: "pl.Trainer", name: str, layer: MixtureOfExperts,
@@ -502,6 +496,7 @@ class RoutingMonitor(LensCallback):
             tag = _layer_tag(name)
             log_scalars(trainer, {f"moe/{tag}/ablation/acc_drop/expert_{e}": float(result.overall_drop[j])
                                   for j, e in enumerate(experts)})
+            _log_expert_layout(trainer, tag, ("ablation/acc_drop",))
             classes = self._class_labels(result.drop.shape[1])
             table = []
             for j, e in enumerate(experts):
@@ -509,7 +504,9 @@ class RoutingMonitor(LensCallback):
                 worst = int(torch.nan_to_num(drop, nan=float("-inf")).argmax()) if drop.numel() else 0
                 table.append([f"expert {e}", float(result.overall_drop[j]), classes[worst], float(drop[worst])])
             log_table(trainer, f"moe/{tag}/ablation/summary",
-                      ["masked expert", "accuracy drop", "most affected class", "its accuracy drop"], table)
+                      ["masked expert", "accuracy drop", "most affected class", "its accuracy drop"], table,
+                      legend="accuracy drop: validation accuracy with every expert minus with this expert masked"
+                             " (negative: masking it helps); most affected class: the class whose accuracy drops most")
         return result
 
     def _log_ablation_figure(self, trainer: "pl.Trainer", name: str, experts: list[int],
@@ -520,8 +517,9 @@ class RoutingMonitor(LensCallback):
         fig = plot_heatmap_matrix(
             result.drop, row_labels=[f"expert {e}" for e in experts],
             col_labels=self._class_labels(result.drop.shape[1]), fmt=".2f",
-            title=f"{name}: accuracy drop when an expert is masked (epoch {trainer.current_epoch})",
-            xlabel="class", ylabel="masked expert", cmap="magma",
+            title=f"{name}: accuracy drop when an expert is masked (epoch {trainer.current_epoch})\n"
+                  "red: accuracy falls, blue: it rises",
+            xlabel="class", ylabel="masked expert", cmap="RdBu_r", center=0.0,  # drops can be negative (gains)
         )
         log_figure(trainer, f"moe/{_layer_tag(name)}/ablation/acc_drop", fig)
 
@@ -585,6 +583,28 @@ class RoutingMonitor(LensCallback):
         if self.class_names is not None and len(self.class_names) == num_classes:
             return self.class_names
         return [str(c) for c in range(num_classes)]
+
+    def summary(self) -> Optional[str]:
+        """The headline numbers of every MoE layer at the last monitored epoch (logged at the end of fit)."""
+        if not self.last_statistics:
+            return None
+        experts = {name: [e for e in range(layer.num_experts) if e not in layer.masked_experts]
+                   for name, layer in self._layers}
+        lines = [f"{name or '<module>'}: {routing_summary(stats, self.last_ablation.get(name), experts.get(name))}"
+                 for name, stats in self.last_statistics.items()]
+        return f"RoutingMonitor (epoch {self.last_epoch}): " + "; ".join(lines)
+
+
+def _log_expert_layout(trainer: "pl.Trainer", tag: str, series: Sequence[str]) -> None:
+    """One multi-line chart per per-expert series (TensorBoard's Custom Scalars tab, W&B line series) instead of a
+    card per expert; written once per run (the sink layer skips an unchanged layout)."""
+    import re
+
+    from lightning_lens.loggers import log_scalar_layout
+
+    prefix = re.escape(f"moe/{tag}/")
+    log_scalar_layout(trainer, {f"moe/{tag}": {f"{s} per expert": [prefix + re.escape(s) + r"/expert_\d+"]
+                                               for s in series}})
 
 
 def _layer_tag(name: str) -> str:

@@ -13,16 +13,25 @@ Tags written (``<method>`` is a registry name such as ``gradient`` or a method o
                                            overlay; rows labelled with the dataset index, label and prediction
 ``saliency/methods_x_probes``              image (``layout="methods_x_probes"``): first row the probes, then one row of
                                            maps per method
+``saliency/<method>`` (text)               token ids with ``layer=``: one row per probe, its tokens on backgrounds
+                                           coloured by their score (image in TensorBoard; HTML in W&B and the file
+                                           logger's ``.html``, via :func:`lightning_lens.loggers.log_html`)
+``saliency/<method>`` (tabular)            ``(batch, features)`` inputs with ``feature_names``: a bar chart of the
+                                           ``top_k_features`` attributions per probe
+``saliency/<method>/<input>``              several inputs (a tuple or dict, ``input_key=(...)``): one image grid or bar
+                                           chart per floating-point input (position or key)
 ``saliency/<method>/mean_abs``             scalar: mean absolute attribution over probes and input elements
 ``saliency/<method>/top10_mass``           scalar: share of a map's total ``|attribution|`` (summed over channels) held
                                            by its 10% highest pixels, averaged over probes: 0.1 for a flat map, 1.0
                                            when everything sits in a tenth of the image (see
                                            :func:`lightning_lens.evaluation.saliency_summaries`)
-``saliency/<method>/seconds``              scalar: wall time to compute (and score) the method's maps this epoch
+``saliency/<method>/seconds``              scalar (``log_timing=True`` only): wall time to compute (and score) the
+                                           method's maps this epoch
 ``saliency/skipped_methods``               scalar (with ``time_budget``, or when ``max_overhead`` deferred methods):
                                            methods deferred to a later epoch for lack of time
 ``quality/<method>/<metric>``              scalars from :func:`lightning_lens.evaluation.compute_quality` when
-                                           ``quality_metrics`` is set
+                                           ``quality_metrics`` is set; each ``..._chance`` level is drawn on its
+                                           metric's chart in TensorBoard's Custom Scalars tab ("quality vs chance")
 ``lens_errors/SaliencyMapCallback``        text: a failure of one part (a method, the rendering, ``denormalize``)
 =========================================  ===========================================================================
 """
@@ -40,13 +49,24 @@ from torch import nn
 
 from lightning_lens._pl import pl, rank_zero_warn
 from lightning_lens.attribution import method_specs
-from lightning_lens.attribution.base import forward_logits
+from lightning_lens.attribution.base import forward_logits, model_scores
 from lightning_lens.callbacks._base import _last_epoch, log
 from lightning_lens.callbacks._probes import ProbeCallback, ProbeCollector
 from lightning_lens.utils import BatchAccessor, ProbeSet, gradients_enabled, preserve_modes
-from lightning_lens.utils.batch import Key
+from lightning_lens.utils.batch import (
+    Inputs,
+    Key,
+    describe_inputs,
+    input_batch_size,
+    input_kind,
+    input_leaves,
+    map_inputs,
+    padding_mask,
+    token_ids,
+)
 from lightning_lens.utils.checks import (
     check_bool,
+    check_callable,
     check_choice,
     check_instance,
     check_int,
@@ -142,10 +162,28 @@ class SaliencyMapCallback(ProbeCallback):
         mask_regions: ground-truth mask regions (batch keys ``<region>_mask``) handed to the quality metrics;
             default: every mask the probes carry.
         log_scalars: log the per-method summaries ``saliency/<method>/...``.
+        log_timing: also log ``saliency/<method>/seconds`` (off by default: it is about the machine, not the model).
+        layer: explain the output of this module (a module or its dotted name) with the methods that support it
+            (gradient, gradient×input, SmoothGrad, VarGrad, Integrated Gradients). Required for token ids: the
+            embedding layer, e.g. ``"model.token_embedding"``; the maps are then one score per token (see
+            ``token_reduce``). Text batches are dicts with ``input_ids`` (and ``attention_mask``), passed to the
+            model as keyword arguments; multi-input batches are selected with ``input_key=("image", "meta")``.
+        tokenizer: decodes token ids for display: a HuggingFace tokenizer (``convert_ids_to_tokens``), anything with
+            ``decode``, or a vocabulary list (id -> token); special tokens and padding are hidden. Text maps are
+            logged as an image (TensorBoard) and as HTML (W&B, files) through ``log_html``.
+        feature_names: names of the columns of ``(batch, features)`` float inputs: the maps are then drawn as bar
+            charts of the ``top_k_features`` features per probe (tabular data) instead of images.
+        token_reduce: ``"sum"`` or ``"l2"`` over the hidden dimension: one score per token.
+        top_k_features: features per probe in the tabular bar charts.
+        output_fn: maps the LightningModule's output to ``(batch, classes)`` scores, e.g. ``lambda out: out["scores"]``.
+            Not needed for a tensor, a tuple (its first element) or a mapping / HuggingFace ``ModelOutput`` with
+            ``"logits"`` (a ``BertForSequenceClassification``'s output works as it is); used for the probes'
+            predictions and by the methods given by name (method objects bring their own ``output_fn``).
         cell_size: pixel size of one grid cell (images are upscaled with nearest neighbours); ``None``: the
             renderer's default.
         max_overhead: the callback's share of the fit's time (0.05 = 5 %); None: no limit.
         strict: raise exceptions from the callback's own work instead of reporting them and continuing.
+        verbose: log a summary at the end of fit (see :class:`~lightning_lens.callbacks._base.LensCallback`).
         max_failures: failures in a row after which one part (a method, the rendering) is switched off.
 
     Raises:
@@ -192,15 +230,24 @@ class SaliencyMapCallback(ProbeCallback):
         quality_options: Optional[dict[str, dict[str, Any]]] = None,
         mask_regions: Optional[Sequence[str]] = None,
         log_scalars: bool = True,
-        cell_size: Optional[int] = 64,
+        cell_size: Optional[int] = 96,
         max_overhead: Optional[float] = 0.05,
         strict: bool = False,
+        verbose: bool = True,
         max_failures: int = 3,
+        log_timing: bool = False,
+        layer: Optional[Union[str, nn.Module]] = None,
+        tokenizer: Any = None,
+        feature_names: Optional[Sequence[str]] = None,
+        token_reduce: Literal["sum", "l2"] = "sum",
+        top_k_features: int = 10,
+        output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
     ) -> None:
         super().__init__(
             every_n_epochs=check_int(every_n_epochs, "every_n_epochs", minimum=1),
             max_overhead=max_overhead,
             strict=strict,
+            verbose=verbose,
             max_failures=max_failures,
         )
         self.default_methods = methods is None
@@ -221,6 +268,17 @@ class SaliencyMapCallback(ProbeCallback):
         self.quality_options = _check_quality_options(quality_options)
         self.mask_regions = check_optional(check_str_list, mask_regions, "mask_regions")
         self.log_scalars = check_bool(log_scalars, "log_scalars")
+        self.log_timing = check_bool(log_timing, "log_timing")
+        self.layer = check_optional(check_instance, layer, "layer", (str, nn.Module),
+                                    hint="a module of the model or its dotted name, e.g. 'model.token_embedding'")
+        self.tokenizer = _check_tokenizer(tokenizer)
+        self.feature_names = check_optional(_str_list, feature_names, "feature_names")
+        self.token_reduce = check_choice(token_reduce, "token_reduce", ("sum", "l2"))
+        self.top_k_features = check_int(top_k_features, "top_k_features", minimum=1)
+        self.output_fn = check_optional(check_callable, output_fn, "output_fn",
+                                        hint="the model's output -> (batch, classes) scores")
+        self._kind: Optional[str] = None  # what the probes hold: image, tabular, text or multi (decided at setup)
+        self._grid_epoch: Optional[int] = None  # the epoch of the grids being drawn (named in their titles)
         self.cell_size = check_optional(check_int, cell_size, "cell_size", minimum=8)
         if self.quality_metrics:
             _check_quality_metrics(self.quality_metrics)
@@ -239,7 +297,9 @@ class SaliencyMapCallback(ProbeCallback):
     # ------------------------------------------------------------------------------------------------------ properties
     @property
     def last_attributions(self) -> dict[str, torch.Tensor]:
-        """The maps of the last logged epoch (rank zero): method name -> CPU float tensor, probes in order."""
+        """The maps of the last logged epoch (rank zero): method name -> CPU float tensor, probes in order (for token
+        ids one score per token, ``(probes, tokens)``; for several inputs a tuple or dict of the floating inputs'
+        maps)."""
         return dict(self._last_attributions)
 
     @property
@@ -266,11 +326,7 @@ class SaliencyMapCallback(ProbeCallback):
             )
 
     def check_setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> None:
-        start = time.perf_counter()
-        try:
-            self._check_setup(trainer, pl_module, batch)
-        finally:
-            self.budget.spend(time.perf_counter() - start)
+        self._check_setup(trainer, pl_module, batch)  # its time counts against max_overhead (the base's dry run)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self.is_due(trainer):  # a collective under DDP, as finalize may be: every rank gets here
@@ -291,8 +347,14 @@ class SaliencyMapCallback(ProbeCallback):
 
         methods = []
         for i, (name, spec) in enumerate(self._method_specs):
+            kwargs = self._kwargs.get(name, {})
+            if self.output_fn is not None and isinstance(spec, (str, tuple)) and "output_fn" not in kwargs:
+                kwargs = {**kwargs, "output_fn": self.output_fn}  # named methods score the model as the callback does
             try:
-                method = resolve_method(spec, pl_module, **self._kwargs.get(name, {}))
+                method = resolve_method(spec, pl_module, **kwargs)
+                if self.layer is not None and "layer" not in kwargs and getattr(method, "supports_layer", False) \
+                        and isinstance(spec, (str, tuple)):  # named methods explain the layer given to the callback
+                    method = resolve_method(spec, pl_module, **{**kwargs, "layer": self.layer})
             except (TypeError, ValueError) as err:
                 raise type(err)(f"methods[{i}] ({name!r}): {err}") from err
             model = getattr(method, "model", None)
@@ -315,38 +377,41 @@ class SaliencyMapCallback(ProbeCallback):
         else:
             sample = self._sample_of(batch)
         inputs = sample.inputs
-        _check_input_layout(inputs)
+        self._kind = self._check_inputs(inputs)
         if self.target == "label":
             _check_labels(sample.targets, "the probes" if explicit is not None else "the validation batches")
         self._check_masks(sample)
         if isinstance(self.denormalize, tuple):
-            _check_mean_std(self.denormalize, inputs)
+            _check_mean_std(self.denormalize, inputs)  # type: ignore[arg-type]
         elif self.denormalize is not None:  # a user callable: a failure is reported, the run goes on without it
-            self.run_part(trainer, "denormalize", _apply_denormalize, self.denormalize, inputs[:1],
+            self.run_part(trainer, "denormalize", _apply_denormalize, self.denormalize, inputs[:1],  # type: ignore
                           hint=_DENORMALIZE_FIX)
         with preserve_modes(pl_module, mode=False), gradients_enabled():
             x = _model_inputs(inputs, pl_module)
             try:
                 with torch.no_grad():
-                    logits = pl_module(x)
+                    output = _call_model(pl_module, x)
             except Exception as err:
                 raise ValueError(
-                    f"SaliencyMapCallback: the LightningModule's forward failed on the inputs input_key selects (shape"
-                    f" {tuple(inputs.shape)}, dtype {inputs.dtype}): {type(err).__name__}: {err}. Set input_key to"
+                    f"SaliencyMapCallback: the LightningModule's forward failed on the inputs input_key selects"
+                    f" ({_shape_text(inputs)}): {type(err).__name__}: {err}. Set input_key to"
                     " what the module's forward takes, or wrap the module so that forward maps those inputs to"
                     " (batch, classes) logits"
                 ) from err
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-                got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+            n = input_batch_size(x)
+            try:  # the one normalization the methods use: tensor, tuple, mapping / ModelOutput "logits", output_fn
+                logits = model_scores(output, n, self.output_fn)
+            except (TypeError, ValueError) as err:
+                got = f"shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
                 raise ValueError(
-                    f"SaliencyMapCallback: the LightningModule's forward returns {got} for {x.shape[0]} inputs; the"
-                    " attribution methods explain (batch, classes) logits: make forward return them (e.g."
-                    " return out['logits']), or explain a wrapper module with method objects built on it"
-                )
-            targets = self._targets(sample, logits.argmax(dim=1).cpu()).to(x.device)
+                    f"SaliencyMapCallback: the LightningModule's forward returns {got} for {n} inputs, which gives no"
+                    f" (batch, classes) logits ({err}). Give the callback output_fn= (the model's output -> (batch,"
+                    " classes) scores), or make forward return the logits"
+                ) from err
+            targets = self._targets(sample, logits.argmax(dim=1).cpu()).to(logits.device)
             _check_targets_fit(targets, logits, self.target)
             self._adapt_methods(pl_module, x)
-            masks = self._masks(sample, x.device)
+            masks = self._masks(sample, logits.device)
             for i, (name, method) in enumerate(self._methods):
                 if name in self._left_out:
                     continue
@@ -363,7 +428,7 @@ class SaliencyMapCallback(ProbeCallback):
     def _adapt_methods(self, pl_module: nn.Module, x: torch.Tensor) -> None:
         """Leave Grad-CAM out of the default methods when no layer has a spatial output."""
         cams = [name for name, _ in self._methods if name in _CAM_METHODS]
-        if not cams or _spatial_layers(pl_module, x[:1]):
+        if not cams or _spatial_layers(pl_module, _first_rows(x, 1)):
             return
         if self.default_methods:
             self._left_out.update(cams)
@@ -388,14 +453,15 @@ class SaliencyMapCallback(ProbeCallback):
             attributions = _check_attributions(method.attribute(x, target=targets), x, name)
         except Exception as err:
             raise ValueError(
-                f"methods[{i}] ({name!r}) failed on {x.shape[0]} validation sample(s) at setup with"
+                f"methods[{i}] ({name!r}) failed on {input_batch_size(x)} validation sample(s) at setup with"
                 f" {type(err).__name__}: {err}; fix its options (method_kwargs={{{name!r}: ...}}) or remove it from"
                 " methods"
             ) from err
         layer = _cam_layer(method)
         if layer is not None:
-            shape = _output_shape(pl_module, layer, x[:1])
-            if shape is not None and (len(shape) != 4 or shape[2] * shape[3] <= 1):
+            shape = _output_shape(pl_module, layer, _first_rows(x, 1))
+            # (B, N, D) tokens of a vision transformer: the CAM reshaped them to a patch grid (it ran above)
+            if shape is not None and len(shape) != 3 and (len(shape) != 4 or shape[2] * shape[3] <= 1):
                 raise ValueError(
                     f"methods[{i}] ({name!r}) uses a layer whose output has shape {shape}: a Grad-CAM map needs a"
                     " spatial (batch, channels, height, width) output larger than 1x1; pass"
@@ -406,10 +472,11 @@ class SaliencyMapCallback(ProbeCallback):
                 self._quality(pl_module, method, x, attributions, targets, masks)
             except Exception as err:
                 raise ValueError(
-                    f"quality_metrics={list(self.quality_metrics)} failed for {name!r} on {x.shape[0]} validation"
+                    f"quality_metrics={list(self.quality_metrics)} failed for {name!r} on {input_batch_size(x)}"
+                    " validation"
                     f" sample(s) at setup with {type(err).__name__}: {err}; check quality_options and mask_regions"
                 ) from err
-        self._estimates[name] = (time.perf_counter() - start) * self.num_probes / x.shape[0]
+        self._estimates[name] = (time.perf_counter() - start) * self.num_probes / input_batch_size(x)
 
     def _check_masks(self, sample: ProbeSet) -> None:
         if not self.quality_metrics or self.mask_regions is None:
@@ -421,12 +488,116 @@ class SaliencyMapCallback(ProbeCallback):
                 f" regions (batch keys '<region>_mask'): {sorted(sample.masks)}"
             )
 
+    # ------------------------------------------------------------------------------------------ text, tabular, multi
+    def _check_inputs(self, inputs: Inputs) -> str:
+        """The probes' input kind, with the configuration errors it implies (at setup)."""
+        kind = input_kind(inputs, tabular=self.feature_names is not None)
+        if kind == "image":
+            _check_input_layout(inputs)  # type: ignore[arg-type]
+            return kind
+        if kind == "text" and self.layer is None:
+            from lightning_lens.attribution.layer import find_embedding
+
+            embedding = find_embedding(self._bound_to)
+            raise TypeError(
+                f"SaliencyMapCallback: the inputs hold token ids ({describe_inputs(inputs)}), which have no gradient;"
+                f" pass layer={embedding or '<the embedding module>'!r} to explain the output of the embedding layer"
+                " (one score per token)"
+            )
+        ids = token_ids(inputs)
+        if kind == "text" and ids is not None and self.tokenizer is not None and not _decodes(self.tokenizer, ids):
+            raise ValueError(
+                f"tokenizer could not decode the batch's token ids (largest id {int(ids.max())}); pass the tokenizer"
+                " or vocabulary the data was encoded with"
+            )
+        if kind == "tabular" and self.feature_names is not None and len(self.feature_names) != inputs.shape[1]:
+            raise ValueError(
+                f"feature_names has {len(self.feature_names)} names, but the inputs have {inputs.shape[1]} columns"
+                " (batch, features); give one name per column"
+            )
+        problems = [("layout='methods_x_probes'", self.layout != "per_method"),
+                    ("quality_metrics", bool(self.quality_metrics)),
+                    ("denormalize", self.denormalize is not None)]
+        for argument, used in problems:
+            if used:
+                raise ValueError(
+                    f"SaliencyMapCallback: {argument} applies to image inputs; these are {kind} inputs"
+                    f" ({describe_inputs(inputs)}): leave {argument.split('=')[0]} at its default"
+                )
+        return kind
+
+    def _maps(self, attributions: Any, inputs: Inputs) -> Any:
+        """What is drawn and summarized, on the CPU in float: one score per token for text (the layer's attributions
+        reduced over the hidden dimension), the attributions of the floating inputs for several inputs (a tuple with
+        None for integer inputs, or a dict without them), else the attributions."""
+        if isinstance(attributions, torch.Tensor):
+            maps = attributions.detach().float().cpu()
+            ids = token_ids(inputs)
+            if ids is not None and maps.dim() >= 3 and tuple(maps.shape[:2]) == tuple(ids.shape):
+                from lightning_lens.attribution.layer import reduce_tokens
+
+                maps = reduce_tokens(maps, how=self.token_reduce)
+            return maps
+        if isinstance(attributions, Mapping):
+            return {k: v.detach().float().cpu() for k, v in attributions.items()
+                    if isinstance(v, torch.Tensor) and isinstance(inputs, Mapping) and inputs[k].is_floating_point()}
+        return tuple(v.detach().float().cpu() if isinstance(v, torch.Tensor) and x.is_floating_point() else None
+                     for v, x in zip(attributions, inputs))
+
+    def _tokens(self, ids: torch.Tensor) -> list[str]:
+        from lightning_lens import render
+
+        if self.tokenizer is None:
+            return [str(int(i)) for i in ids]
+        return render.decode_tokens(ids, self.tokenizer)
+
+    def _log_structured(self, trainer: "pl.Trainer", name: str, probes: ProbeSet, maps: Any, preds: torch.Tensor,
+                        probs: torch.Tensor, step: int) -> None:
+        """Token maps (image and HTML), feature bar charts, or one of those per input of a multi-input model."""
+        from lightning_lens import loggers, render
+
+        tag = f"saliency/{loggers.sanitize_tag(name)}"
+        labels = self._probe_labels(probes, preds, probs)
+        inputs = probes.inputs
+        if self._kind == "text" and isinstance(maps, torch.Tensor):
+            ids = token_ids(inputs)
+            assert ids is not None
+            padding = padding_mask(inputs)
+            special = render.special_token_ids(self.tokenizer) if self.tokenizer is not None else set()
+            hide = [[int(t) in special or bool(padding is not None and padding[i, j]) for j, t in enumerate(row)]
+                    for i, row in enumerate(ids.tolist())]
+            tokens = [self._tokens(row) for row in ids]
+            image = render.text_heatmap(tokens, maps, labels=labels, hide=hide)
+            fragment = render.text_html(tokens, maps, labels=labels, hide=hide)
+            caption = (f"{name} (target: {self.target}) per token ({self.token_reduce} over the layer's hidden"
+                       " dimension); red positive, blue negative, each row scaled to its largest |score|")
+            loggers.log_html(trainer, tag, fragment, step=step, image=image, caption=caption)
+            return
+        if isinstance(maps, torch.Tensor):
+            parts: list[tuple[str, torch.Tensor, torch.Tensor]] = [("", input_leaves(inputs)[0], maps)]
+        elif isinstance(maps, Mapping):
+            parts = [(f"/{k}", inputs[k], m) for k, m in maps.items()]  # type: ignore[index]
+        else:
+            parts = [(f"/{j}", x, m) for j, (x, m) in enumerate(zip(input_leaves(inputs), maps)) if m is not None]
+        for suffix, x, m in parts:
+            part_tag = f"{tag}/{loggers.sanitize_tag(suffix[1:])}" if suffix else tag
+            if m.dim() == 2:
+                names = self.feature_names if self.feature_names is not None and len(self.feature_names) == m.shape[1] \
+                    else None
+                image = render.feature_bars(m, names, labels=labels, top_k=self.top_k_features,
+                                            title=f"{name}{suffix} (target: {self.target})")
+                caption = f"{name}{suffix}: top {self.top_k_features} features per probe; red positive, blue negative"
+            else:
+                image, caption = self._method_grid(f"{name}{suffix}", probes, x, m, preds, probs)
+            loggers.log_image(trainer, part_tag, image, step=step, caption=caption)
+
     # ------------------------------------------------------------------------------------------------- logged epochs
     def _log_maps(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", probes: ProbeSet) -> None:
         from lightning_lens import loggers
 
         self._bind_methods(pl_module)
         step = loggers.logging_step(trainer)
+        self._grid_epoch = int(trainer.current_epoch)
         start = time.perf_counter()
         limit, reason = self._epoch_limit(trainer)
         computed: dict[str, torch.Tensor] = {}
@@ -434,9 +605,9 @@ class SaliencyMapCallback(ProbeCallback):
         deferred: list[str] = []
         with preserve_modes(pl_module, mode=False), gradients_enabled():
             inputs = _model_inputs(probes.inputs, pl_module)
-            preds, probs = _predict(pl_module, inputs)
+            preds, probs = _predict(pl_module, inputs, self.output_fn)
             targets = self._targets(probes, preds)
-            masks = self._masks(probes, inputs.device)
+            masks = self._masks(probes, _device(inputs))
             display = self._display_images(trainer, probes.inputs)
             for k, (name, method) in enumerate(self._method_order()):
                 # the method that waited longest always runs (so every method is logged in turn); the others if
@@ -456,8 +627,12 @@ class SaliencyMapCallback(ProbeCallback):
             self._report_deferred(trainer, deferred, reason, limit, time.perf_counter() - start, step)
         self._last_attributions = computed
         self._last_targets = targets
+        self.last_scalars = dict(scalars)  # for the end-of-fit summary
         if scalars:
             self.run_part(trainer, "log", loggers.log_scalars, trainer, scalars, step=step)
+            chance = _chance_layout(scalars)
+            if chance:
+                self.run_part(trainer, "log", loggers.log_scalar_layout, trainer, chance, step=step)
 
     def _run_method(
         self, trainer: "pl.Trainer", name: str, method: Any, pl_module: nn.Module, probes: ProbeSet,
@@ -560,25 +735,27 @@ class SaliencyMapCallback(ProbeCallback):
         from lightning_lens.evaluation import saliency_summaries
 
         start = time.perf_counter()
-        target = targets.to(inputs.device)
+        target = targets.to(_device(inputs))
         attributions = _check_attributions(method.attribute(inputs, target=target), inputs, name)
         scalars: dict[str, float] = {}
         if self.quality_metrics:
             quality = self._quality(pl_module, method, inputs, attributions, target, masks)
             scalars.update({f"quality/{name}/{k}": v for k, v in quality.items()})
         seconds = time.perf_counter() - start
-        maps = attributions.detach().float().cpu()
-        finite = torch.isfinite(maps)
-        if not bool(finite.all()):
+        maps = self._maps(attributions, inputs)
+        bad = sum(int((~torch.isfinite(m)).sum()) for m in _map_leaves(maps))
+        if bad:
             self.warn_once(
                 f"nonfinite:{name}",
-                f"SaliencyMapCallback: method {name!r} produced {int((~finite).sum())} non-finite attribution values;"
+                f"SaliencyMapCallback: method {name!r} produced {bad} non-finite attribution values;"
                 " they are drawn and summarized as 0",
             )
-            maps = torch.where(finite, maps, torch.zeros(()))
+            maps = _map_structure(lambda m: torch.where(torch.isfinite(m), m, torch.zeros(())), maps)
         if self.log_scalars:
-            scalars.update({f"saliency/{name}/{k}": v for k, v in saliency_summaries(maps).items()})
-            scalars[f"saliency/{name}/seconds"] = seconds
+            flat = torch.cat([m.flatten(1) for m in _map_leaves(maps)], dim=1)
+            scalars.update({f"saliency/{name}/{k}": v for k, v in saliency_summaries(flat).items()})
+            if self.log_timing:
+                scalars[f"saliency/{name}/seconds"] = seconds
         return maps, scalars
 
     def _targets(self, probes: ProbeSet, preds: torch.Tensor) -> torch.Tensor:
@@ -634,6 +811,7 @@ class SaliencyMapCallback(ProbeCallback):
 
     def _probe_labels(self, probes: ProbeSet, preds: torch.Tensor, probs: torch.Tensor) -> list[str]:
         labels = []
+        wrong = self._wrong(probes, preds)
         for i in range(len(probes)):
             parts = []
             if probes.indices is not None:
@@ -642,8 +820,21 @@ class SaliencyMapCallback(ProbeCallback):
                 parts.append(f"y={self._class(int(probes.targets[i]))}")
             p = int(preds[i])
             parts.append(f"pred={self._class(p)} ({float(probs[i, p]):.2f})")
+            if wrong[i]:
+                parts.append("WRONG")
             labels.append(" ".join(parts))
         return labels
+
+    def _wrong(self, probes: ProbeSet, preds: torch.Tensor) -> list[bool]:
+        """Per probe: the prediction differs from its label (all False without class labels)."""
+        labels = probes.targets
+        if labels is None or labels.dim() != 1 or labels.is_floating_point() or labels.shape[0] != preds.shape[0]:
+            return [False] * int(preds.shape[0])
+        return [bool(w) for w in (labels.cpu().long() != preds.cpu().long())]
+
+    def _grid_title(self, what: str) -> str:
+        epoch = "" if self._grid_epoch is None else f", epoch {self._grid_epoch}"
+        return f"{what} (target: {self.target}{epoch})"
 
     def _method_grid(
         self,
@@ -656,22 +847,40 @@ class SaliencyMapCallback(ProbeCallback):
     ) -> tuple[np.ndarray, str]:
         from lightning_lens import render
 
-        cells = []
-        for image, attribution in zip(_as_images(display.float()), _as_images(attributions)):
-            cells.append([render.to_rgb_uint8(image), render.heatmap(attribution), render.overlay(image, attribution)])
+        maps = _as_images(attributions)
+        signed = _any_negative(maps)  # one colour scale for the whole grid, shown beside it
+        wrong = self._wrong(probes, preds)
+        cells, captions, frames = [], [], []
+        for image, attribution, miss in zip(_as_images(display.float()), maps, wrong):
+            cells.append([render.to_rgb_uint8(image), render.heatmap(attribution, signed=signed),
+                          render.overlay(image, attribution, signed=signed)])
+            captions.append([None, _zero_note(name, attribution), None])
+            frames.append([render.MISTAKE_COLOR if miss else None, None, None])
         grid = render.image_grid(
             cells,
             row_labels=self._probe_labels(probes, preds, probs),
             col_labels=["input", name, "overlay"],
             cell_size=self.cell_size,
+            title=self._grid_title(name),
+            cell_captions=captions if any(c[1] for c in captions) else None,
+            row_label_colors=[render.MISTAKE_COLOR if miss else None for miss in wrong],
+            cell_frames=frames,
+            colorbar="signed" if signed else "absolute",
+            colorbar_labels=_SCALE_LABELS[signed],
         )
-        caption = f"{name} (target: {self.target}); rows: probes, columns: input, map, overlay"
+        caption = (f"{name} (target: {self.target}); rows: probes, columns: input, map, overlay; "
+                   + _legend(signed, any(wrong), [c[1] for c in captions]))
         return grid, caption
 
     def _log_method_grid(self, trainer: "pl.Trainer", name: str, probes: ProbeSet, display: torch.Tensor,
                          attributions: torch.Tensor, preds: torch.Tensor, probs: torch.Tensor, step: int) -> None:
         from lightning_lens import loggers
 
+        if self._kind is None:  # no setup check ran (no validation batch then): decide from the probes
+            self._kind = input_kind(probes.inputs, tabular=self.feature_names is not None)
+        if self._kind in ("text", "tabular", "multi"):
+            self._log_structured(trainer, name, probes, attributions, preds, probs, step)
+            return
         image, caption = self._method_grid(name, probes, display, attributions, preds, probs)
         loggers.log_image(trainer, f"saliency/{loggers.sanitize_tag(name)}", image, step=step, caption=caption)
 
@@ -685,15 +894,26 @@ class SaliencyMapCallback(ProbeCallback):
     ) -> tuple[np.ndarray, str]:
         from lightning_lens import render
 
+        maps = {name: _as_images(attributions) for name, attributions in computed.items()}
+        signed = any(_any_negative(m) for m in maps.values())
+        wrong = self._wrong(probes, preds)
         rows = [[render.to_rgb_uint8(image) for image in _as_images(display.float())]]
-        rows += [[render.heatmap(a) for a in _as_images(attributions)] for attributions in computed.values()]
+        rows += [[render.heatmap(a, signed=signed) for a in m] for m in maps.values()]
+        captions = [[None] * len(rows[0])] + [[_zero_note(name, a) for a in m] for name, m in maps.items()]
         grid = render.image_grid(
             rows,
             row_labels=["input", *computed],
             col_labels=self._probe_labels(probes, preds, probs),
             cell_size=self.cell_size,
+            title=self._grid_title("saliency maps"),
+            cell_captions=captions if any(c for row in captions for c in row) else None,
+            col_label_colors=[render.MISTAKE_COLOR if miss else None for miss in wrong],
+            cell_frames=[[render.MISTAKE_COLOR if miss else None for miss in wrong]],
+            colorbar="signed" if signed else "absolute",
+            colorbar_labels=_SCALE_LABELS[signed],
         )
-        caption = f"saliency maps (target: {self.target}); rows: input then one per method, columns: probes"
+        caption = (f"saliency maps (target: {self.target}); rows: input then one per method, columns: probes; "
+                   + _legend(signed, any(wrong), [c for row in captions for c in row]))
         return grid, caption
 
     def _log_methods_x_probes_grid(self, trainer: "pl.Trainer", computed: Mapping[str, torch.Tensor],
@@ -703,6 +923,60 @@ class SaliencyMapCallback(ProbeCallback):
 
         image, caption = self._methods_x_probes_grid(computed, probes, display, preds, probs)
         loggers.log_image(trainer, "saliency/methods_x_probes", image, step=step, caption=caption)
+
+    def summary(self) -> Optional[str]:
+        """Which epochs got maps, and the last logged epoch's quality metrics (logged at the end of fit)."""
+        from lightning_lens.report.summaries import saliency_summary
+
+        if not self.run_epochs:
+            return None
+        return saliency_summary(self.run_epochs, self.method_names, getattr(self, "last_scalars", {}))
+
+
+# --------------------------------------------------------------------------------------------------------- figures
+_SCALE_LABELS = {True: ["+p99", "0", "-p99"], False: ["p99", "0"]}
+
+
+def _any_negative(maps: Sequence[torch.Tensor]) -> bool:
+    return any(bool((m < 0).any()) for m in maps)
+
+
+def _zero_note(name: str, attribution: torch.Tensor) -> Optional[str]:
+    """The note under a map that is zero everywhere (drawn all black / all white otherwise, with no hint why)."""
+    if bool((attribution != 0).any()):
+        return None
+    if "cam" in name.lower():
+        return "map is zero: no positive evidence"  # Grad-CAM's ReLU keeps only evidence for the class
+    return "map is zero: no attribution"
+
+
+def _legend(signed: bool, wrong: bool, notes: Sequence[Optional[str]]) -> str:
+    """The caption's explanation of the colours, marks and notes of a saliency grid."""
+    parts = [
+        ("colour scale: blue negative, red positive" if signed else "colour scale: |attribution|, black 0")
+        + ", each map scaled to its 99th percentile of |a| (p99)"
+    ]
+    if wrong:
+        parts.append("red label and frame: wrong prediction")
+    if any(note and "positive evidence" in note for note in notes):
+        parts.append("'map is zero: no positive evidence': Grad-CAM found no evidence for the class at its layer"
+                     " (the ReLU of the weighted activations removed everything); an earlier layer may show more")
+    if any(note and "no attribution" in note for note in notes):
+        parts.append("'map is zero: no attribution': every value of the map is 0 (e.g. dead ReLUs or a saturated"
+                     " output)")
+    return "; ".join(parts)
+
+
+def _chance_layout(scalars: Mapping[str, float]) -> dict[str, dict[str, list[str]]]:
+    """Custom-scalar charts putting each ``..._chance`` level on its metric's chart."""
+    import re
+
+    charts = {}
+    for key in scalars:
+        if key.endswith("_chance") and key[: -len("_chance")] in scalars:
+            metric = key[: -len("_chance")]
+            charts[f"{metric} (with chance)"] = [re.escape(metric), re.escape(key)]
+    return {"quality vs chance": charts} if charts else {}
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -809,8 +1083,8 @@ def _check_input_layout(inputs: torch.Tensor) -> None:
     if not inputs.is_floating_point():
         raise TypeError(
             f"input_key selects inputs of dtype {inputs.dtype}; saliency maps are gradients with respect to the"
-            " inputs, so they must be floating point (pixels, features). For token ids, explain with"
-            " lightning_lens.attribution on the embeddings' output instead of this callback"
+            " inputs, so they must be floating point (pixels, features). For token ids of shape (batch, tokens),"
+            " pass layer='<the embedding module>' to explain the embeddings' output"
         )
     raise ValueError(
         f"input_key selects inputs of shape {tuple(inputs.shape)}; SaliencyMapCallback draws (batch, features),"
@@ -846,24 +1120,60 @@ def _check_targets_fit(targets: torch.Tensor, logits: torch.Tensor, target: str)
         )
 
 
-def _model_inputs(inputs: torch.Tensor, pl_module: nn.Module) -> torch.Tensor:
-    """The probes on the module's device, in its floating dtype, as a normal (non-inference) tensor."""
+def _model_inputs(inputs: Inputs, pl_module: nn.Module) -> Inputs:
+    """The probes on the module's device, floating tensors in its floating dtype (token ids and masks keep theirs),
+    as normal (non-inference) tensors, in the probes' structure."""
     param = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
-    _check_input_layout(inputs)
-    return inputs.to(device=device, dtype=dtype).clone()
+    if isinstance(inputs, torch.Tensor) and input_kind(inputs) == "image":
+        _check_input_layout(inputs)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).clone()
+
+    return map_inputs(move, inputs)
 
 
-def _predict(pl_module: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted classes, softmax probabilities) of the probes, on the CPU."""
+def _call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """``model`` on the probes: a dict as keyword arguments, a tuple positionally."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def _shape_text(inputs: Inputs) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}"
+    return describe_inputs(inputs)
+
+
+def _device(inputs: Inputs) -> torch.device:
+    return input_leaves(inputs)[0].device
+
+
+def _first_rows(inputs: Inputs, n: int) -> Inputs:
+    return map_inputs(lambda t: t[:n], inputs)
+
+
+def _predict(pl_module: nn.Module, inputs: Inputs, output_fn: Optional[Callable[[Any], torch.Tensor]] = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted classes, softmax probabilities) of the probes, on the CPU (scores through ``output_fn``)."""
     with torch.no_grad():
-        logits = forward_logits(pl_module, inputs)
+        if isinstance(inputs, torch.Tensor):
+            logits = forward_logits(pl_module, inputs, output_fn)
+        else:
+            from lightning_lens.attribution._inputs import ModelInputs
+
+            logits = forward_logits(pl_module, ModelInputs.from_user(inputs), output_fn)
     probs = logits.detach().float().softmax(dim=1).cpu()
     return probs.argmax(dim=1), probs
 
 
-def _check_attributions(attributions: Any, inputs: torch.Tensor, name: str) -> torch.Tensor:
+def _check_attributions(attributions: Any, inputs: Inputs, name: str) -> Any:
+    structured = not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point()
+    if structured or isinstance(attributions, (tuple, dict)):
+        return _check_structured_attributions(attributions, inputs, name)
     ok = (
         isinstance(attributions, torch.Tensor)
         and attributions.dim() == inputs.dim()
@@ -895,7 +1205,7 @@ def _as_images(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _spatial_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
+def _spatial_layers(model: nn.Module, x: Inputs) -> list[str]:
     """Names of the submodules whose output is 4-D with more than one spatial position (one forward, no grad)."""
     found: list[str] = []
     handles = []
@@ -912,7 +1222,7 @@ def _spatial_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
             if module is not model:
                 handles.append(module.register_forward_hook(make_hook(name)))
         with torch.no_grad():
-            model(x.detach().clone())
+            _call_model(model, map_inputs(lambda t: t.detach().clone(), x))
     finally:
         for h in handles:
             h.remove()
@@ -920,13 +1230,15 @@ def _spatial_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
 
 
 def _cam_layer(method: Any) -> Optional[nn.Module]:
+    if getattr(method, "supports_layer", False):  # a gradient method's layer= (embeddings): not a CAM layer
+        return None
     layer = getattr(method, "layer", None)
     if layer is None:
         layer = getattr(getattr(method, "gradcam", None), "layer", None)
     return layer if isinstance(layer, nn.Module) else None
 
 
-def _output_shape(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> Optional[tuple[int, ...]]:
+def _output_shape(model: nn.Module, layer: nn.Module, x: Inputs) -> Optional[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = []
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -936,7 +1248,69 @@ def _output_shape(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> Option
     handle = layer.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            model(x.detach().clone())
+            _call_model(model, map_inputs(lambda t: t.detach().clone(), x))
     finally:
         handle.remove()
     return shapes[-1] if shapes else None
+
+
+# --------------------------------------------------------------------------------------------- text, tabular, multi
+def _check_tokenizer(tokenizer: Any) -> Any:
+    if tokenizer is None or callable(getattr(tokenizer, "convert_ids_to_tokens", None)) \
+            or callable(getattr(tokenizer, "decode", None)):
+        return tokenizer
+    if isinstance(tokenizer, Sequence) and not isinstance(tokenizer, str) \
+            and all(isinstance(t, str) for t in tokenizer):
+        return list(tokenizer)
+    raise TypeError(
+        "tokenizer must be a HuggingFace tokenizer (convert_ids_to_tokens), an object with decode, or a vocabulary"
+        f" list of token strings indexed by id, got {type(tokenizer).__name__}"
+    )
+
+
+def _decodes(tokenizer: Any, ids: torch.Tensor) -> bool:
+    """Whether every id of ``ids`` has a token (a vocabulary list must cover the largest id)."""
+    if isinstance(tokenizer, list):
+        return int(ids.max()) < len(tokenizer) and int(ids.min()) >= 0
+    from lightning_lens import render
+
+    try:
+        render.decode_tokens(ids[0], tokenizer)
+    except Exception:
+        return False
+    return True
+
+
+def _check_structured_attributions(attributions: Any, inputs: Inputs, name: str) -> Any:
+    """Attributions of a layer (one tensor, one row per example) or mirroring tuple/dict inputs."""
+    n = input_batch_size(inputs)
+    if isinstance(attributions, torch.Tensor):
+        if attributions.dim() >= 2 and attributions.shape[0] == n:
+            return attributions
+    elif isinstance(attributions, Mapping) and isinstance(inputs, Mapping) and list(attributions) == list(inputs):
+        if all(isinstance(a, torch.Tensor) and a.shape == inputs[k].shape for k, a in attributions.items()):
+            return attributions
+    elif isinstance(attributions, tuple) and isinstance(inputs, tuple) and len(attributions) == len(inputs):
+        if all(isinstance(a, torch.Tensor) and a.shape == x.shape for a, x in zip(attributions, inputs)):
+            return attributions
+    got = describe_inputs(attributions) if isinstance(attributions, (torch.Tensor, tuple, dict)) \
+        else type(attributions).__name__
+    raise ValueError(
+        f"method {name!r} returned attributions {got} for inputs {describe_inputs(inputs)}; expected the inputs'"
+        " structure and shapes, or with layer= one tensor with a row per example"
+    )
+
+
+def _map_leaves(maps: Any) -> list[torch.Tensor]:
+    if isinstance(maps, torch.Tensor):
+        return [maps]
+    values = maps.values() if isinstance(maps, Mapping) else maps
+    return [m for m in values if m is not None]
+
+
+def _map_structure(fn: Callable[[torch.Tensor], torch.Tensor], maps: Any) -> Any:
+    if isinstance(maps, torch.Tensor):
+        return fn(maps)
+    if isinstance(maps, Mapping):
+        return {k: fn(v) for k, v in maps.items()}
+    return tuple(None if m is None else fn(m) for m in maps)

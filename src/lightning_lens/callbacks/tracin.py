@@ -163,6 +163,7 @@ class TracInCallback(ProbeCallback):
         log_prefix: first component of every logged tag.
         max_overhead: the callback's time as a fraction of fit time (None: no limit).
         strict: raise the callback's exceptions instead of reporting them and continuing.
+        verbose: log a summary at the end of fit (see :class:`~lightning_lens.callbacks._base.LensCallback`).
         max_failures: failures in a row after which a part (scoring, a gallery) is switched off.
 
     Example:
@@ -197,12 +198,14 @@ class TracInCallback(ProbeCallback):
         log_prefix: str = "tracin",
         max_overhead: Optional[float] = 0.05,
         strict: bool = False,
+        verbose: bool = True,
         max_failures: int = 3,
     ) -> None:
         super().__init__(
             every_n_epochs=check_optional(check_int, score_every_n_epochs, "score_every_n_epochs", minimum=1),
             max_overhead=max_overhead,
             strict=strict,
+            verbose=verbose,
             max_failures=max_failures,
         )
         self.snapshot_every_n_epochs = check_int(every_n_epochs, "every_n_epochs", minimum=1)
@@ -615,7 +618,8 @@ class TracInCallback(ProbeCallback):
             "seconds": seconds,
         }
         self.last_metrics = {f"{self.log_prefix}/{k}": v for k, v in metrics.items()}
-        log.info(
+        log.log(  # the run at the end of fit is reported by the end-of-fit summary
+            10 if when == "end of fit" else 20,
             f"TracInCallback ({when}): {len(positions)} training examples scored over {len(snapshots)} snapshots;"
             f" most self-influential ids {report.ranked_ids[:5]}"
         )
@@ -703,3 +707,15 @@ class TracInCallback(ProbeCallback):
         scored = state_dict.get("scored_state")
         self._scored_state = None if scored is None else tuple(scored)  # type: ignore[assignment]
         self._lr_sum, self._lr_steps = state_dict.get("lr_since_snapshot", (0.0, 0))
+
+    def summary(self) -> Optional[str]:
+        """The last scoring run: what was scored and the most self-influential training ids."""
+        from lightning_lens.report.summaries import tracin_summary
+
+        report = getattr(self, "last_report", None)
+        if report is None:
+            return None
+        top = report.ranked[: self.num_top]
+        disagreement = float((report.labels[top] != report.predictions[top]).float().mean()) if len(top) else None
+        return tracin_summary(report.when, len(report.positions), report.planned, len(report.epochs),
+                              report.ranked_ids, disagreement)

@@ -1140,5 +1140,8 @@ def intervention_curve_figure(evaluation: ConceptEvaluation, title: str = "Inter
     bands = {name: (c.mean(0) - c.std(0), c.mean(0) + c.std(0)) for name, c in curves.items() if c.shape[0] > 1}
     low = min(float(c.min()) for c in curves.values())
     ylim = (max(0.0, math.floor((low - 0.02) * 20) / 20), 1.005)  # zoom in: curves often live near the top
+    orders = max(c.shape[0] for c in curves.values())
+    band_label = f"band: mean ± 1 std over\n{orders} random concept orders" if bands else None
     return plot_curves(evaluation.steps, means, bands=bands or None, title=title, xlabel="concepts intervened (k)",
-                       ylabel="task accuracy", ylim=ylim)
+                       ylabel="task accuracy", ylim=ylim, band_label=band_label,
+                       figsize=(max(5.0, 0.45 * len(evaluation.steps) + 2.5) + 2.0, 3.8) if bands else None)

@@ -153,9 +153,12 @@ def neighbor_gallery_image(
     neighbor_input: Callable[[int], torch.Tensor],
     targets: Optional[torch.Tensor] = None,
     denormalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    title: Optional[str] = None,
 ) -> np.ndarray:
     """One row per probe: the probe, then its neighbours (``neighbor_input(dataset_index)`` gives a neighbour's
-    input), the row titled with label, prediction, credibility and each neighbour's ``class(cosine)``.
+    input). The row is titled with label, prediction and credibility (in red with a red frame around the probe when
+    the prediction is wrong); under each neighbour its class and cosine similarity, ``class 3 (0.91)``. ``title`` is a
+    line above the grid (e.g. with the epoch).
 
     Example:
         >>> head = KNNHead(4, 2, k=2, memory_size=4)
@@ -165,24 +168,29 @@ def neighbor_gallery_image(
         >>> neighbor_gallery_image(images[:2], nb, torch.tensor([0, 0]), lambda i: images[i]).dtype
         dtype('uint8')
     """
-    from lightning_lens.render import image_grid, to_rgb_uint8
+    from lightning_lens.render import MISTAKE_COLOR, image_grid, to_rgb_uint8
 
-    rows, row_labels = [], []
+    rows, row_labels, captions, frames, colors = [], [], [], [], []
     for i in range(probe_inputs.shape[0]):
         cells = [to_rgb_uint8(probe_inputs[i], denormalize=denormalize)]
-        names = []
+        names: list[Optional[str]] = [None]
         for j in range(neighbors.indices.shape[1]):
             idx = int(neighbors.indices[i, j])
             if idx < 0:
                 continue
             cells.append(to_rgb_uint8(neighbor_input(idx), denormalize=denormalize))
-            names.append(f"{int(neighbors.labels[i, j])}({float(neighbors.similarities[i, j]):.2f})")
+            names.append(f"class {int(neighbors.labels[i, j])} ({float(neighbors.similarities[i, j]):.2f})")
+        wrong = targets is not None and int(targets[i]) != int(predictions[i])
         true = "" if targets is None else f"y={int(targets[i])} "
         cred = "" if neighbors.credibility is None else f" cred={float(neighbors.credibility[i]):.2f}"
-        row_labels.append(f"{true}pred={int(predictions[i])}{cred} | nn: " + " ".join(names))
+        row_labels.append(f"{true}pred={int(predictions[i])}{cred}" + (" WRONG" if wrong else ""))
+        colors.append(MISTAKE_COLOR if wrong else None)
+        frames.append([MISTAKE_COLOR if wrong else None])
         rows.append(cells)
+        captions.append(names)
     width = max(len(r) for r in rows)
     blank = np.zeros_like(rows[0][0])
     rows = [r + [blank] * (width - len(r)) for r in rows]
     col_labels = ["probe"] + [f"neighbour {j + 1}" for j in range(width - 1)]
-    return image_grid(rows, row_labels=row_labels, col_labels=col_labels)
+    return image_grid(rows, row_labels=row_labels, col_labels=col_labels, cell_captions=captions,
+                      row_label_colors=colors, cell_frames=frames, title=title)

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -32,9 +33,12 @@ from lightning_lens.utils.checks import check_instance
 ImageLike = Union[np.ndarray, torch.Tensor]
 
 __all__ = [
+    "format_number",
     "log_figure",
+    "log_html",
     "log_image",
     "log_json",
+    "log_scalar_layout",
     "log_scalars",
     "log_table",
     "log_text",
@@ -230,39 +234,99 @@ def _as_hwc_uint8(image: ImageLike) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3])
 
 
+#: zlib level of the PNGs the sinks write: 1 encodes about twice as fast as the default 6 (the encoding was most of a
+#: logged grid's cost) for files a few percent larger on the flat colours of grids and figures
+_PNG_COMPRESS_LEVEL = 1
+
+
 def _png_bytes(arr: np.ndarray) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401  (ensures the Agg backend exists)
-    from matplotlib.image import imsave
+    """One PNG of a uint8 (H, W, 3) array (Pillow, a dependency of matplotlib)."""
+    from PIL import Image
 
     buf = io.BytesIO()
-    imsave(buf, arr, format="png")
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
     return buf.getvalue()
+
+
+def _tensorboard_image(writer: Any, tag: str, arr: np.ndarray, step: int) -> None:
+    """``writer.add_image`` with the PNG encoded once, by :func:`_png_bytes`: ``add_image`` converts the array to
+    float and back and encodes at zlib level 6. Writers other than torch's ``SummaryWriter`` get ``add_image``."""
+    get_file_writer = getattr(writer, "_get_file_writer", None)
+    if not type(writer).__module__.startswith("torch.utils.tensorboard") or get_file_writer is None:
+        writer.add_image(tag, arr, global_step=step, dataformats="HWC")
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    image = Summary.Image(height=int(arr.shape[0]), width=int(arr.shape[1]), colorspace=int(arr.shape[2]),
+                          encoded_image_string=_png_bytes(arr))
+    get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+def format_number(value: Union[float, int]) -> str:
+    """The one number format of every table the library logs (markdown, files, console).
+
+    The rule: integers as they are; floats with 3 significant figures (``0.512``, ``12.3``, ``0.00955``), rounded to
+    an integer from 100 on (``1234``) and in scientific notation from 1e6 on (``1.23e+06``); a non-zero magnitude
+    below 1e-3 is written ``<1e-3`` (``-<1e-3`` when negative) instead of ``3.3e-25``: at three significant figures
+    against the other entries it is zero, and the sign and "not exactly zero" are all that is left to say. Exact zero
+    is ``0``; ``nan``, ``inf`` and ``-inf`` are spelled out. Machine-readable outputs (CSV, JSON, W&B tables) keep
+    the full values.
+
+    Example:
+        >>> [format_number(v) for v in (0.51234, 3.3e-25, 0.0009554, 0.0123456, 12.345, 1234.5, 2.5e7, 0.0, 42)]
+        ['0.512', '<1e-3', '<1e-3', '0.0123', '12.3', '1234', '2.5e+07', '0', '42']
+        >>> format_number(-0.0001), format_number(float("nan")), format_number(float("-inf"))
+        ('-<1e-3', 'nan', '-inf')
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    v = float(value)
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    magnitude = abs(v)
+    if magnitude == 0.0:
+        return "0"
+    if magnitude < 1e-3:
+        return "-<1e-3" if v < 0 else "<1e-3"
+    if magnitude < 100.0:
+        return f"{v:.3g}"
+    if magnitude < 1e6:
+        return str(int(round(v)))
+    return f"{v:.3g}"
 
 
 def _format_cell(value: Any) -> str:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.4g}"
+    if value is None:
+        return ""
+    if isinstance(value, (float, np.floating, int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return format_number(value)
     return _escape_html(str(value)).replace("|", "\\|").replace("\n", " ")
 
 
-def table_to_markdown(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table (TensorBoard's text plugin renders it); HTML in cells is escaped.
+def table_to_markdown(columns: Sequence[str], rows: Sequence[Sequence[Any]], legend: Optional[str] = None) -> str:
+    """A GitHub-flavoured markdown table (TensorBoard's text plugin renders it); HTML in cells is escaped, numbers
+    are written by :func:`format_number`, and ``legend`` (what the columns mean) is a line in italics under it.
 
     Example:
-        >>> print(table_to_markdown(["slice", "acc"], [["digit=3", 0.51234], ["<b>x</b>", 1]]))
+        >>> print(table_to_markdown(["slice", "acc"], [["digit=3", 0.51234], ["<b>x</b>", 1]], legend="acc: accuracy"))
         | slice | acc |
         | --- | --- |
-        | digit=3 | 0.5123 |
+        | digit=3 | 0.512 |
         | &lt;b&gt;x&lt;/b&gt; | 1 |
+        <BLANKLINE>
+        *acc: accuracy*
     """
     lines = ["| " + " | ".join(_format_cell(str(c)) for c in columns) + " |",
              "| " + " | ".join("---" for _ in columns) + " |"]
     lines += ["| " + " | ".join(_format_cell(v) for v in row) + " |" for row in rows]
+    if legend:
+        lines += ["", "*" + _escape_html(str(legend)).replace("*", "\\*").replace("\n", " ") + "*"]
     return "\n".join(lines)
 
 
@@ -301,7 +365,7 @@ def log_image(
 
     def write(kind: str, logger: Any) -> None:
         if kind == "tensorboard":
-            logger.experiment.add_image(tag, arr, global_step=step, dataformats="HWC")
+            _tensorboard_image(logger.experiment, tag, arr, step)
             logger.experiment.flush()
         elif kind == "wandb":
             kwargs = {"caption": [caption]} if caption else {}
@@ -336,11 +400,18 @@ def log_figure(trainer: Any, tag: str, figure: Any, step: Optional[int] = None) 
 
 
 def log_table(
-    trainer: Any, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: Optional[int] = None
+    trainer: Any,
+    tag: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    step: Optional[int] = None,
+    legend: Optional[str] = None,
 ) -> None:
     """Log a table: markdown text in TensorBoard, ``log_table`` in W&B, CSV + markdown files elsewhere.
 
-    HTML in cells is escaped in the markdown (TensorBoard, ``.md``); W&B and the CSV get the values as they are.
+    HTML in cells is escaped in the markdown (TensorBoard, ``.md``), numbers there are written by
+    :func:`format_number`; W&B and the CSV get the values as they are (numbers stay numbers, so W&B sorts them).
+    ``legend``, one line saying what the columns mean, goes under the markdown table (TensorBoard, ``.md``).
 
     Example:
         >>> log_table(trainer, "slices/top", ["slice", "acc"], [["digit=3", 0.5]])  # doctest: +SKIP
@@ -352,7 +423,7 @@ def log_table(
     if not sinks:
         return
     step = _step(trainer, step)
-    markdown = table_to_markdown(columns, rows)
+    markdown = table_to_markdown(columns, rows, legend=legend)
     plain = [[_plain(v) for v in r] for r in rows]
 
     def write(kind: str, logger: Any) -> None:
@@ -403,6 +474,53 @@ def log_text(trainer: Any, tag: str, text: str, step: Optional[int] = None) -> N
             if path is not None:
                 with open(path, "w") as f:
                     f.write(markdown + "\n")
+
+    _dispatch(sinks, tag, write)
+
+
+def log_html(
+    trainer: Any,
+    tag: str,
+    html_fragment: str,
+    step: Optional[int] = None,
+    image: Optional[ImageLike] = None,
+    caption: Optional[str] = None,
+) -> None:
+    """Log an HTML fragment (e.g. tokens coloured by attribution): ``wandb.Html`` in W&B, an ``.html`` file under
+    ``<log_dir>/lens/<tag>/`` elsewhere; TensorBoard cannot show HTML, so it gets ``image`` (the same content as
+    pixels) when given, else nothing. The fragment is written as given: build it from escaped text (as
+    :func:`lightning_lens.render.text_html` does); the file gets a minimal page around it with the escaped caption.
+
+    Example:
+        >>> log_html(trainer, "saliency/text/gradient", "<div>great</div>", image=png)  # doctest: +SKIP
+    """
+    import html as _html
+
+    tag = _safe_tag(tag)
+    check_instance(html_fragment, "html_fragment", str)
+    sinks = list(_sinks(trainer))
+    if not sinks:
+        return
+    step = _step(trainer, step)
+    arr = None if image is None else _as_hwc_uint8(image)
+    title = _html.escape(caption if caption is not None else tag)
+    page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>"
+            f"<body><p>{title}</p>\n{html_fragment}\n</body></html>\n")
+
+    def write(kind: str, logger: Any) -> None:
+        if kind == "tensorboard":
+            if arr is not None:
+                _tensorboard_image(logger.experiment, tag, arr, step)
+                logger.experiment.flush()
+        elif kind == "wandb":
+            import wandb
+
+            logger.log_metrics({_wandb_key(tag): wandb.Html(page)}, step=step)
+        else:
+            path = _file_path(logger, tag, step, ".html")
+            if path is not None:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(page)
 
     _dispatch(sinks, tag, write)
 
@@ -473,8 +591,114 @@ def log_scalars(trainer: Any, metrics: Mapping[str, Union[float, torch.Tensor]],
         logger.log_metrics(values, step=step)
         if kind == "tensorboard":
             logger.experiment.flush()
+        elif kind == "wandb":
+            _wandb_line_series(logger, values, step)
 
     _dispatch(sinks, ", ".join(values), write)
+
+
+# TensorBoard shows one custom-scalar layout per run (the last written): the charts of every callback are merged here,
+# per writer, and the merged layout is written again only when a chart is added
+_layouts: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[str]]]]" = weakref.WeakKeyDictionary()
+_wandb_layouts: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[str]]]]" = weakref.WeakKeyDictionary()
+
+
+def _check_layout(layout: Any) -> dict[str, dict[str, list[str]]]:
+    check_instance(layout, "layout", Mapping, hint="{category: {chart title: [scalar tags or regexes]}}")
+    out: dict[str, dict[str, list[str]]] = {}
+    for category, charts in layout.items():
+        check_instance(category, "layout category", str)
+        check_instance(charts, f"layout[{category!r}]", Mapping, hint="{chart title: [scalar tags or regexes]}")
+        out[category] = {}
+        for title, tags in charts.items():
+            check_instance(title, "layout chart title", str)
+            if isinstance(tags, str) or not isinstance(tags, Sequence) or not tags:
+                raise TypeError(
+                    f"layout[{category!r}][{title!r}] must be a non-empty list of scalar tags, got {tags!r}"
+                )
+            out[category][title] = [str(t) for t in tags]
+    return out
+
+
+def _merge_layout(target: dict[str, dict[str, list[str]]], layout: Mapping[str, Mapping[str, list[str]]]) -> bool:
+    changed = False
+    for category, charts in layout.items():
+        known = target.setdefault(category, {})
+        for title, tags in charts.items():
+            if known.get(title) != list(tags):
+                known[title] = list(tags)
+                changed = True
+    return changed
+
+
+def log_scalar_layout(
+    trainer: Any, layout: Mapping[str, Mapping[str, Sequence[str]]], step: Optional[int] = None
+) -> None:
+    """Put related scalars on one chart: a metric beside its chance level, one line per expert.
+
+    ``layout`` is ``{category: {chart title: [tags]}}``; a tag may be a regular expression (``moe/l0/load/expert_\\d+``
+    draws every expert). TensorBoard gets a custom-scalar layout (its "Custom Scalars" tab, a Multiline chart per
+    title); the layouts of every callback are merged per run and rewritten only when a chart is new, so calling this
+    every epoch costs nothing. W&B gets one line-series chart per title (``<category>/<title>``), redrawn from the
+    values :func:`log_scalars` sends for those tags. Other loggers keep the plain scalars.
+
+    Example:
+        >>> log_scalar_layout(trainer, {"quality": {"pointing_game": ["quality/gradient/pointing_game/object",
+        ...                                                           "quality/gradient/pointing_game/object_chance"]}})
+        ... # doctest: +SKIP
+    """
+    checked = _check_layout(layout)
+    sinks = list(_sinks(trainer))
+    if not sinks:
+        return
+    step = _step(trainer, step)
+
+    def write(kind: str, logger: Any) -> None:
+        if kind == "tensorboard":
+            writer = logger.experiment
+            merged = _layouts.setdefault(writer, {})
+            if _merge_layout(merged, checked):
+                from torch.utils.tensorboard.summary import custom_scalars
+
+                layout_summary = custom_scalars(
+                    {c: {t: ["Multiline", tags] for t, tags in charts.items()} for c, charts in merged.items()}
+                )
+                writer._get_file_writer().add_summary(layout_summary, step)  # add_custom_scalars, with a step
+                writer.flush()
+        elif kind == "wandb":
+            _merge_layout(_wandb_layouts.setdefault(logger, {}), checked)
+
+    _dispatch(sinks, "scalar layout", write)
+
+
+def _wandb_line_series(logger: Any, values: Mapping[str, float], step: int) -> None:
+    """Redraw the W&B line-series charts of :func:`log_scalar_layout` whose tags are among ``values``."""
+    layout = _wandb_layouts.get(logger)
+    if not layout:
+        return
+    history = getattr(logger, "_lens_scalar_history", None)
+    if history is None:
+        history = {}
+        setattr(logger, "_lens_scalar_history", history)
+    charts = []
+    for category, titles in layout.items():
+        for title, patterns in titles.items():
+            keys = [k for k in values if any(re.fullmatch(p, k) for p in patterns)]
+            if keys:
+                charts.append((f"{category}/{title}", title, patterns))
+    if not charts:
+        return
+    for key, value in values.items():
+        history.setdefault(key, {})[step] = value
+    import wandb
+
+    panels = {}
+    for key, title, patterns in charts:
+        series = sorted(k for k in history if any(re.fullmatch(p, k) for p in patterns))
+        steps = sorted({s for k in series for s in history[k]})
+        ys = [[history[k].get(s, float("nan")) for s in steps] for k in series]
+        panels[_wandb_key(key)] = wandb.plot.line_series(xs=steps, ys=ys, keys=series, title=title, xname="step")
+    logger.experiment.log(panels, commit=False)
 
 
 def _plain(value: Any) -> Any:

@@ -9,7 +9,7 @@ is the 99th percentile of ``|a|``, NaN/inf are drawn as 0.
 """
 
 from lightning_lens.render.figures import figure_to_array, new_figure, plot_curves, plot_heatmap_matrix
-from lightning_lens.render.grid import image_grid
+from lightning_lens.render.grid import MISTAKE_COLOR, colorbar_strip, image_grid
 from lightning_lens.render.heatmap import (
     DIVERGING_CMAP,
     SEQUENTIAL_CMAP,
@@ -20,23 +20,45 @@ from lightning_lens.render.heatmap import (
     reduce_channels,
     to_rgb_uint8,
 )
-from lightning_lens.render.sanity import cascade_grid, similarity_figure, verdict_lines
+from lightning_lens.render.sanity import (
+    CONTROL_EXPECTATIONS,
+    cascade_grid,
+    short_layer_names,
+    similarity_figure,
+    verdict_lines,
+    verdict_table,
+)
+from lightning_lens.render.tabular import feature_bars, importance_chart, top_features
+from lightning_lens.render.text import decode_tokens, special_token_ids, text_heatmap, text_html, token_colors
 
 __all__ = [
+    "CONTROL_EXPECTATIONS",
     "DIVERGING_CMAP",
+    "MISTAKE_COLOR",
     "SEQUENTIAL_CMAP",
     "cascade_grid",
+    "colorbar_strip",
     "colorize",
+    "decode_tokens",
+    "feature_bars",
     "figure_to_array",
     "heatmap",
     "image_grid",
+    "importance_chart",
     "new_figure",
     "normalize_attribution",
     "overlay",
     "plot_curves",
     "plot_heatmap_matrix",
     "reduce_channels",
+    "short_layer_names",
     "similarity_figure",
+    "special_token_ids",
+    "text_heatmap",
+    "text_html",
     "to_rgb_uint8",
+    "token_colors",
+    "top_features",
     "verdict_lines",
+    "verdict_table",
 ]

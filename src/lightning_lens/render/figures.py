@@ -78,6 +78,7 @@ def plot_curves(
     bands: Optional[Mapping[str, tuple[SeriesLike, SeriesLike]]] = None,
     ylim: Optional[tuple[float, float]] = None,
     figsize: Optional[tuple[float, float]] = None,
+    band_label: Optional[str] = None,
 ) -> Figure:
     """Line plot of named series over a shared x, with optional shaded bands (e.g. mean +- std over probes).
 
@@ -92,6 +93,8 @@ def plot_curves(
         bands: series name -> (low, high) arrays drawn as a translucent band in the series' colour.
         ylim: y-axis limits.
         figsize: inches; default grows with the number of x ticks.
+        band_label: what the bands are (e.g. ``"band: +- 1 std over 5 random orders"``), one legend entry; the legend
+            then sits right of the plot, where it covers no curve.
 
     Example:
         >>> fig = plot_curves([0, 1, 2], {"gradient": [1.0, 0.5, 0.1]}, title="MPRT", ylabel="SSIM")
@@ -131,7 +134,14 @@ def plot_curves(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if len(ys) > 1 or bands:
+    if bands and band_label:
+        from matplotlib.patches import Patch
+
+        handles, labels = ax.get_legend_handles_labels()
+        handles.append(Patch(color="0.5", alpha=0.2, linewidth=0))
+        labels.append(str(band_label))
+        ax.legend(handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    elif len(ys) > 1 or bands:
         ax.legend(fontsize="small")
     return fig
 
@@ -146,8 +156,13 @@ def plot_heatmap_matrix(
     fmt: Optional[str] = None,
     xlabel: str = "",
     ylabel: str = "",
+    center: Optional[float] = None,
 ) -> Figure:
     """A matrix as a coloured table with a colorbar and (for small matrices) the values written in the cells.
+
+    Signed values (an accuracy drop that is sometimes a gain) take ``center=0`` with a diverging ``cmap`` such as
+    ``"RdBu_r"``: the colour scale is then symmetric around ``center``, so ``center`` is the colormap's neutral
+    middle colour and equal magnitudes above and below it get equally strong colours.
 
     Used e.g. for expert x class routing counts and confusion-like summaries.
 
@@ -155,9 +170,10 @@ def plot_heatmap_matrix(
         matrix: (R, C) numbers; NaN cells are left blank.
         row_labels, col_labels: tick labels (default: indices).
         title, xlabel, ylabel: texts.
-        cmap: a sequential matplotlib colormap name.
+        cmap: a matplotlib colormap name (sequential; diverging with ``center``).
         annotate: write values in cells; default when R * C <= 400.
         fmt: format of the values; default ``"d"`` for integral matrices, else ``".2g"``.
+        center: the value at the middle of the colour scale (symmetric limits around it); None: min to max.
 
     Example:
         >>> fig = plot_heatmap_matrix([[3, 0], [1, 5]], ["expert 0", "expert 1"], ["0", "1"], title="routing")
@@ -182,6 +198,10 @@ def plot_heatmap_matrix(
     fig, ax = new_figure(figsize=(max(4.0, 0.55 * n_cols + 2.5), max(3.0, 0.45 * n_rows + 1.5)))
     vmin = float(finite.min()) if finite.size else 0.0
     vmax = float(finite.max()) if finite.size else 1.0
+    if center is not None:
+        reach = max(abs(vmax - float(center)), abs(vmin - float(center)))
+        reach = reach if reach > 0 else 1.0
+        vmin, vmax = float(center) - reach, float(center) + reach
     if vmax <= vmin:
         vmax = vmin + 1.0
     image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")

@@ -9,12 +9,17 @@ import numpy as np
 import torch
 from matplotlib.font_manager import FontProperties, findfont, get_font
 
-from lightning_lens.render.heatmap import to_rgb_uint8
-from lightning_lens.utils.checks import check_int, check_optional, check_positive_number
+from lightning_lens.render.heatmap import DIVERGING_CMAP, SEQUENTIAL_CMAP, colorize, to_rgb_uint8
+from lightning_lens.utils.checks import check_choice, check_int, check_optional, check_positive_number
 
-__all__ = ["image_grid"]
+__all__ = ["MISTAKE_COLOR", "colorbar_strip", "image_grid"]
 
 Cell = Union[np.ndarray, torch.Tensor, None]
+Color = tuple[int, int, int]
+
+#: Colour of what marks a wrong prediction (label text, cell frame): a saturated red.
+MISTAKE_COLOR: Color = (200, 0, 0)
+_COLORBAR_WIDTH = 14
 
 _DEFAULT_CELL = 96
 _PAD = 4
@@ -140,6 +145,12 @@ def image_grid(
     title: Optional[str] = None,
     fontsize: Optional[float] = None,
     pad: int = _PAD,
+    cell_captions: Optional[Sequence[Sequence[Optional[str]]]] = None,
+    row_label_colors: Optional[Sequence[Optional[Color]]] = None,
+    col_label_colors: Optional[Sequence[Optional[Color]]] = None,
+    cell_frames: Optional[Sequence[Sequence[Optional[Color]]]] = None,
+    colorbar: Optional[str] = None,
+    colorbar_labels: Optional[Sequence[str]] = None,
 ) -> np.ndarray:
     """Assemble images into one labelled uint8 (H, W, 3) grid (white background, black text).
 
@@ -153,8 +164,17 @@ def image_grid(
         col_labels: one label per column, drawn above the column.
         cell_size: cell height in pixels; default: 96, or the tallest cell if taller.
         title: optional line of text above everything.
-        fontsize: label size in pixels; default scales with ``cell_size`` (12 px at 96).
+        fontsize: label size in pixels; default scales with ``cell_size`` (about 14 px at 96).
         pad: pixels between cells.
+        cell_captions: text under individual cells (rows like ``cells``, possibly fewer; None: no caption), e.g. a
+            neighbour's class under the neighbour, or "map is zero" under an empty map (at most 3 lines each).
+        row_label_colors, col_label_colors: an RGB colour per label (None: black), e.g. :data:`MISTAKE_COLOR` for
+            a wrong prediction.
+        cell_frames: an RGB frame colour per cell (rows like ``cells``, possibly fewer; None: no frame), drawn in the
+            padding around the cell (3 px, or inside the cell when ``pad`` is 0).
+        colorbar: ``"signed"`` or ``"absolute"`` appends the colour scale of :func:`~lightning_lens.render.heatmap`'s
+            diverging or sequential colormap right of the grid (see :func:`colorbar_strip`).
+        colorbar_labels: the scale's tick labels, top to bottom (default ``+max, 0, -max`` or ``max, 0``).
 
     Example:
         >>> grid = image_grid([[np.zeros((32, 32, 3), np.uint8)] * 2], row_labels=["probe 0"], col_labels=["a", "b"])
@@ -176,6 +196,13 @@ def image_grid(
         raise ValueError(f"row_labels has {len(row_labels)} entries for {n_rows} rows")
     if col_labels is not None and len(col_labels) != n_cols:
         raise ValueError(f"col_labels has {len(col_labels)} entries for {n_cols} columns")
+    _check_cell_shaped(cell_captions, rows, "cell_captions")
+    _check_cell_shaped(cell_frames, rows, "cell_frames")
+    if row_label_colors is not None and len(row_label_colors) != n_rows:
+        raise ValueError(f"row_label_colors has {len(row_label_colors)} entries for {n_rows} rows")
+    if col_label_colors is not None and len(col_label_colors) != n_cols:
+        raise ValueError(f"col_label_colors has {len(col_label_colors)} entries for {n_cols} columns")
+    check_optional(lambda v, a: check_choice(v, a, ("signed", "absolute")), colorbar, "colorbar")
     present = [cell for row in rows for cell in row if cell is not None]
     if cell_size is None:
         cell_size = max([_DEFAULT_CELL] + [cell.shape[0] for cell in present])
@@ -195,12 +222,20 @@ def image_grid(
             if cell is not None:
                 col_widths[c] = max(col_widths[c], cell.shape[1])
 
-    fontsize = float(fontsize) if fontsize is not None else max(9.0, cell_size / 8.0)
+    # large enough to stay legible when TensorBoard shrinks the grid into a card (about 350 px wide)
+    fontsize = float(fontsize) if fontsize is not None else max(9.0, cell_size / 7.0)
     text = _TextMeasurer(fontsize)
     col_lines = [text.wrap(str(lbl), col_widths[c]) for c, lbl in enumerate(col_labels)] if col_labels else []
     row_width_cap = max(2 * cell_size, 120)
     row_lines = [text.wrap(str(lbl), row_width_cap) for lbl in row_labels] if row_labels else []
     title_lines = text.wrap(title, 10**9) if title else []
+    caption_lines = [
+        [text.wrap(str(cap), col_widths[c] + pad, max_lines=3) if cap else [] for c, cap in enumerate(row)]
+        for row in (cell_captions or [])
+    ]
+    # the height under each row taken by its cells' captions
+    under = [max((len(lines) for lines in row), default=0) * text.line_height for row in caption_lines]
+    under += [0] * (n_rows - len(under))
 
     left = int(np.ceil(max((text.width(line) for lines in row_lines for line in lines), default=0.0)))
     left = left + 2 * pad if row_lines else 0
@@ -210,38 +245,127 @@ def image_grid(
     width = left + grid_w
     if title_lines:
         width = max(width, int(np.ceil(max(text.width(line) for line in title_lines))) + 2 * pad)
-    height = title_h + header + n_rows * cell_size + pad * (n_rows + 1)
+    height = title_h + header + n_rows * cell_size + pad * (n_rows + 1) + sum(under)
 
     out = np.full((height, width, 3), _BACKGROUND, dtype=np.uint8)
     col_x = [left + pad + sum(col_widths[:c]) + pad * c for c in range(n_cols)]
-    row_y = [title_h + header + pad + r * (cell_size + pad) for r in range(n_rows)]
+    row_y = [title_h + header + pad + r * (cell_size + pad) + sum(under[:r]) for r in range(n_rows)]
+    frame = min(3, pad)
     for r, row in enumerate(resized):
         for c, cell in enumerate(row):
             if cell is None:
                 continue
             x0 = col_x[c] + (col_widths[c] - cell.shape[1]) // 2
             out[row_y[r] : row_y[r] + cell.shape[0], x0 : x0 + cell.shape[1]] = cell
+            framed = cell_frames is not None and r < len(cell_frames) and c < len(cell_frames[r])
+            color = cell_frames[r][c] if framed else None  # type: ignore[index]
+            if color is not None:
+                _draw_frame(out, row_y[r], x0, cell.shape[0], cell.shape[1], frame, color)
 
-    # (x, y_top, lines, horizontal alignment) in pixel coordinates from the top-left corner
-    texts: list[tuple[float, float, list[str], str]] = []
+    # (x, y_top, lines, horizontal alignment, colour) in pixel coordinates from the top-left corner
+    texts: list[tuple[float, float, list[str], str, Optional[Color]]] = []
     if title_lines:
-        texts.append((width / 2.0, pad / 2.0, title_lines, "center"))
+        texts.append((width / 2.0, pad / 2.0, title_lines, "center", None))
     for c, lines in enumerate(col_lines):
         block = len(lines) * text.line_height
-        texts.append((col_x[c] + col_widths[c] / 2.0, title_h + header - pad - block, lines, "center"))
+        color = col_label_colors[c] if col_label_colors is not None else None
+        texts.append((col_x[c] + col_widths[c] / 2.0, title_h + header - pad - block, lines, "center", color))
     for r, lines in enumerate(row_lines):
         block = len(lines) * text.line_height
-        texts.append((pad, row_y[r] + (cell_size - block) / 2.0, lines, "left"))
+        color = row_label_colors[r] if row_label_colors is not None else None
+        texts.append((pad, row_y[r] + (cell_size - block) / 2.0, lines, "left", color))
+    for r, row_captions in enumerate(caption_lines):
+        for c, lines in enumerate(row_captions):
+            if lines:
+                texts.append((col_x[c] + col_widths[c] / 2.0, row_y[r] + cell_size + pad / 2.0, lines, "center", None))
     if texts:
         _draw_text(out, texts, text)
+    if colorbar is not None:
+        top = title_h + header + pad
+        strip = colorbar_strip(height - top - pad, signed=colorbar == "signed", labels=colorbar_labels,
+                               fontsize=text.fontsize)
+        extra = np.full((height, strip.shape[1] + 2 * pad, 3), _BACKGROUND, dtype=np.uint8)
+        extra[top : top + strip.shape[0], pad : pad + strip.shape[1]] = strip
+        out = np.concatenate([out, extra], axis=1)
     return out
 
 
-def _draw_text(out: np.ndarray, texts: list[tuple[float, float, list[str], str]], measurer: _TextMeasurer) -> None:
-    """Rasterize every line and alpha-composite it (black on the grid) at its place, clipped to the canvas."""
+def colorbar_strip(
+    height: int,
+    signed: bool,
+    cmap: Optional[str] = None,
+    labels: Optional[Sequence[str]] = None,
+    fontsize: float = 12.0,
+) -> np.ndarray:
+    """A vertical colour scale as a uint8 ``(height, W, 3)`` image: the colormap (top: the largest value) and its
+    tick labels at the top, middle (signed only) and bottom.
+
+    The colours are exactly those :func:`~lightning_lens.render.heatmap` draws: a map's ``+1`` (its scale, the
+    99th percentile of ``|a|`` by default) at the top, ``0`` at the bottom (absolute) or in the middle (signed).
+
+    Args:
+        height: pixels (at least 16).
+        signed: the diverging scale ``[-1, 1]`` or the sequential ``[0, 1]``.
+        cmap: the colormap name (default: the heatmap's default for ``signed``).
+        labels: tick labels top to bottom (3 when signed, else 2); default ``+max, 0, -max`` / ``max, 0``.
+        fontsize: label size in pixels.
+
+    Example:
+        >>> strip = colorbar_strip(64, signed=True)
+        >>> strip.shape[0], strip[0, 0].tolist() == colorize(np.ones((1, 1)), True)[0, 0].tolist()
+        (64, True)
+    """
+    check_int(height, "height", minimum=16)
+    if labels is None:
+        labels = ["+max", "0", "-max"] if signed else ["max", "0"]
+    expected = 3 if signed else 2
+    if len(labels) != expected:
+        kind = "signed" if signed else "absolute"
+        raise ValueError(
+            f"labels must hold {expected} entries (top to bottom) for a {kind} colorbar, got {len(labels)}"
+        )
+    values = np.linspace(1.0, -1.0 if signed else 0.0, height)[:, None]
+    bar = colorize(np.repeat(values, _COLORBAR_WIDTH, axis=1), signed,
+                   cmap or (DIVERGING_CMAP if signed else SEQUENTIAL_CMAP))
+    text = _TextMeasurer(fontsize)
+    label_w = int(np.ceil(max(text.width(str(lbl)) for lbl in labels))) + 4
+    out = np.full((height, _COLORBAR_WIDTH + label_w, 3), _BACKGROUND, dtype=np.uint8)
+    out[:, :_COLORBAR_WIDTH] = bar
+    out[:, _COLORBAR_WIDTH - 1] = 0  # a thin edge so a pale end of the scale stays visible on white
+    positions = [0.0, (height - text.line_height) / 2.0, height - text.line_height][:: 1 if signed else 2]
+    texts = [(_COLORBAR_WIDTH + 3.0, y, [str(lbl)], "left", None) for y, lbl in zip(positions, labels)]
+    _draw_text(out, texts, text)
+    return out
+
+
+def _check_cell_shaped(value: Optional[Sequence[Sequence[object]]], rows: list[list[object]], argument: str) -> None:
+    if value is None:
+        return
+    _check_rows_of_images(value, argument, "a list of rows (lists, one entry per cell)")
+    if len(value) > len(rows):
+        raise ValueError(f"{argument} has {len(value)} rows for {len(rows)} rows of cells (fewer are fine: the rest get"
+                         " none)")
+
+
+def _draw_frame(out: np.ndarray, y0: int, x0: int, h: int, w: int, thickness: int, color: Color) -> None:
+    """A rectangle of ``thickness`` pixels around the cell at ``(y0, x0)`` (inside it when ``thickness`` is 0)."""
+    if thickness == 0:
+        y0, x0, h, w, thickness = y0 + 2, x0 + 2, h - 4, w - 4, 2
+    rgb = np.asarray(color, dtype=np.uint8)
+    top, bottom = max(y0 - thickness, 0), min(y0 + h + thickness, out.shape[0])
+    left, right = max(x0 - thickness, 0), min(x0 + w + thickness, out.shape[1])
+    out[top:y0, left:right] = rgb
+    out[y0 + h : bottom, left:right] = rgb
+    out[top:bottom, left:x0] = rgb
+    out[top:bottom, x0 + w : right] = rgb
+
+
+def _draw_text(out: np.ndarray, texts: list[tuple[float, float, list[str], str, Optional[Color]]],
+               measurer: _TextMeasurer) -> None:
+    """Rasterize every line and alpha-composite it (black unless given a colour) at its place, clipped."""
     height, width = out.shape[:2]
-    color = np.array(_TEXT_COLOR, dtype=np.float64)
-    for x, y_top, lines, ha in texts:
+    for x, y_top, lines, ha, rgb in texts:
+        color = np.array(rgb if rgb is not None else _TEXT_COLOR, dtype=np.float64)
         for i, line in enumerate(lines):
             if not line.strip():
                 continue

@@ -4,6 +4,8 @@
   Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018, with floor/ceiling controls and verdicts.
 * :func:`efficient_mprt`: Hedström et al., 2023, the relative rise of explanation entropy after full randomization.
 * :func:`random_logit`: Sixt et al., 2020, similarity of the maps of the explained class and a random other class.
+* :func:`input_invariance`: Kindermans et al., a constant input shift compensated in the first layer must not move
+  the maps.
 * :func:`data_randomization_test`: Adebayo et al.'s label randomization (imports Lightning lazily; trains a copy).
 * :class:`MapSimilarity` and the metric functions it uses (Spearman, SSIM, HOG, top-k), batched in torch.
 
@@ -21,6 +23,7 @@ from lightning_lens.sanity.data_randomization import (
     data_randomization_test,
 )
 from lightning_lens.sanity.emprt import EfficientMPRTResult, efficient_mprt, histogram_entropy
+from lightning_lens.sanity.input_invariance import InputInvarianceReport, input_invariance, shifted_twin
 from lightning_lens.sanity.layers import Layer, find_layers, reinitialize_, scale_matched_normal_
 from lightning_lens.sanity.randomization import (
     RANDOMIZED_PREDICTION,
@@ -55,6 +58,8 @@ __all__ = [
     "histogram_entropy",
     "hog_features",
     "independent_randomization",
+    "input_invariance",
+    "InputInvarianceReport",
     "Layer",
     "MapSimilarity",
     "MethodResult",
@@ -67,6 +72,7 @@ __all__ = [
     "RandomLogitResult",
     "reinitialize_",
     "scale_matched_normal_",
+    "shifted_twin",
     "spearman",
     "ssim",
     "topk_intersection",

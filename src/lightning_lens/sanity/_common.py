@@ -212,10 +212,11 @@ class Reference:
 
     @classmethod
     def compute(cls, method: BoundMethod, inputs: torch.Tensor, target: Optional[torch.Tensor],
-                similarity: MapSimilarity) -> "Reference":
+                similarity: MapSimilarity, keep_signed: bool = True) -> "Reference":
+        """``keep_signed=False``: skip the normalized signed maps unless a metric needs them (nobody reads them)."""
         maps = method.explain(inputs, target)
         metrics = similarity.applicable(maps.shape)
-        prepared = similarity.prepare(maps, metrics)
+        prepared = similarity.prepare(maps, metrics, signed=keep_signed)
         if inputs.shape[0] > 1:
             partners = floor_partners(target, inputs.shape[0])
             floor = {k: median(v) for k, v in similarity.compare(prepared, prepared.take(partners), metrics).items()}
@@ -233,16 +234,18 @@ class Reference:
         return similarity.compare(self.prepared, prepared, self.metrics), prepared
 
     def compare_stages(self, stages: Sequence[torch.Tensor], similarity: MapSimilarity,
-                       max_elements: int = 2**24) -> tuple[dict[str, torch.Tensor], list[PreparedMaps]]:
+                       max_elements: int = 2**24, keep_signed: bool = True,
+                       ) -> tuple[dict[str, torch.Tensor], list[PreparedMaps]]:
         """``({metric: (S, B)}, prepared maps per chunk)`` for the maps of ``S`` stages, compared in a few large
-        batches: one pass of every metric over many stages costs far less than ``S`` small passes."""
+        batches: one pass of every metric over many stages costs far less than ``S`` small passes.
+        ``keep_signed=False``: the prepared maps skip the signed maps unless a metric needs them."""
         per_stage = max(1, stages[0].numel()) if stages else 1
         chunk = max(1, max_elements // per_stage)
         scores: dict[str, list[torch.Tensor]] = {m: [] for m in self.metrics}
         prepared_chunks = []
         for start in range(0, len(stages), chunk):
             group = stages[start : start + chunk]
-            prepared = similarity.prepare(torch.cat(list(group)), self.metrics)
+            prepared = similarity.prepare(torch.cat(list(group)), self.metrics, signed=keep_signed)
             for m, v in similarity.compare_stacked(self.prepared, prepared, self.metrics).items():
                 scores[m].append(v)
             prepared_chunks.append(prepared)

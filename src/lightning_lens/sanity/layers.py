@@ -52,7 +52,9 @@ __all__ = [
     "BatchNormPolicy",
     "InitFn",
     "Layer",
+    "ExecutionRecorder",
     "find_layers",
+    "layers_in_order",
     "reinitialize_",
     "scale_matched_normal_",
     "in_fast_layout",
@@ -139,6 +141,23 @@ def find_layers(
         handle.remove()
     if output is not None and outputs:
         output.append(outputs[0])
+    return layers_in_order(model, order, layers)
+
+
+def layers_in_order(
+    model: nn.Module,
+    order: Sequence[tuple[str, nn.Module]],
+    layers: Optional[Sequence[Union[str, nn.Module]]] = None,
+) -> tuple[list[Layer], list[str]]:
+    """:func:`find_layers` from an execution order already recorded (``(name, module)`` of the submodules in the
+    order their forward first ran, as :func:`~lightning_lens.utils.modules_in_execution_order` or
+    :class:`ExecutionRecorder` return it), without another forward pass.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+        >>> [l.name for l in layers_in_order(net, [("3", net[3]), ("0", net[0])])[0]]
+        ['3', '0']
+    """
     rank = {id(m): i for i, (_, m) in enumerate(order)}
     executed = {name for name, _ in order}
     named = dict(model.named_modules())
@@ -203,6 +222,84 @@ def _named_blocks(
         result.append((min(ran), Layer(bname or ROOT, modules, params)))
     result.sort(key=lambda t: t[0])
     return [layer for _, layer in result]
+
+
+class ExecutionRecorder:
+    """Records, during the first forward pass of ``model`` on exactly ``inputs``, the order in which its submodules
+    start running and the model's output: the discovery pass of :func:`find_layers` folded into a forward the caller
+    runs anyway (a randomization test's first explanation), which saves one forward pass.
+
+    Inside ``with recorder:`` hooks watch every forward of ``model``; the first root forward decides: if its only
+    argument equals ``inputs`` (same shape and values) and every module is in eval mode (the state of the discovery
+    pass), :attr:`order` and :attr:`output` are set; any other call (a path point, a noisy copy, train mode) leaves
+    them ``None`` and the caller falls back to :func:`find_layers`. Later forwards are ignored; the hooks are removed
+    on exit.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+        >>> x = torch.ones(4, 2)
+        >>> with ExecutionRecorder(net, x) as rec:
+        ...     _ = net(x.clone())
+        >>> [name for name, _ in rec.order], tuple(rec.output.shape)
+        (['0', '1', '2'], (4, 2))
+    """
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor) -> None:
+        self.model = model
+        self.inputs = inputs
+        #: ``(name, module)`` in execution order, or ``None`` if no matching forward ran
+        self.order: Optional[list[tuple[str, nn.Module]]] = None
+        #: the model's output of that forward, detached, or ``None``
+        self.output: Any = None
+        self._calls = 0  # root forwards started
+        self._pending: list[tuple[str, nn.Module]] = []
+        self._seen: set[int] = set()
+        self._handles: list[Any] = []
+
+    def _matches(self, args: tuple) -> bool:
+        x = self.inputs
+        return (len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].shape == x.shape
+                and args[0].dtype == x.dtype and args[0].device == x.device and torch.equal(args[0].detach(), x)
+                and not any(m.training for m in self.model.modules()))
+
+    def __enter__(self) -> "ExecutionRecorder":
+        def root_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._calls += 1
+            if self._calls == 1 and not kwargs and self._matches(args):
+                self._recording = True
+
+        def root_post(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._calls == 1 and getattr(self, "_recording", False):
+                self._recording = False
+                self.order = list(self._pending)
+                self.output = output.detach() if isinstance(output, torch.Tensor) else output
+
+        def make_pre(name: str) -> Callable[..., None]:
+            def pre(module: nn.Module, args: Any) -> None:
+                if getattr(self, "_recording", False) and id(module) not in self._seen:
+                    self._seen.add(id(module))
+                    self._pending.append((name, module))
+
+            return pre
+
+        self._recording = False
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(root_pre, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(root_post))
+            # the modules modules_in_execution_order watches, in the same registration order
+            for name, module in self.model.named_modules():
+                if module is not self.model:
+                    self._handles.append(module.register_forward_pre_hook(make_pre(name)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._recording = False
 
 
 # ---------------------------------------------------------------------------------------------------------- layout

@@ -14,19 +14,24 @@ See :mod:`lightning_lens.sanity.layers` for what a layer is and how it is re-ini
 Speed: the copy is re-initialized cumulatively in place (one deep copy for the whole cascade), each method's
 reference maps are prepared once and all stages are compared in one batched call, and on CPU the copy runs in the
 channels-last memory layout (:func:`~lightning_lens.sanity.layers.to_fast_layout_`: 1.5-2x faster convolutions,
-same values up to float rounding). ``benchmarks/sanity.py --quantus`` compares the cascade with Quantus' MPRT.
+same values up to float rounding). With a given target the layers are found during the first method's explanation
+(:class:`~lightning_lens.sanity.layers.ExecutionRecorder`) instead of in a forward pass of their own, and without
+``keep_maps`` the normalized signed maps are not computed. ``benchmarks/sanity.py --quantus`` compares the cascade
+with Quantus' MPRT.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_lens.sanity._common import (
+    BoundMethod,
     Methods,
     Reference,
     bind,
@@ -38,7 +43,16 @@ from lightning_lens.sanity._common import (
     predict,
     private_copy,
 )
-from lightning_lens.sanity.layers import BatchNormPolicy, InitFn, Layer, find_layers, in_fast_layout, reinitialize_
+from lightning_lens.sanity.layers import (
+    BatchNormPolicy,
+    ExecutionRecorder,
+    InitFn,
+    Layer,
+    find_layers,
+    in_fast_layout,
+    layers_in_order,
+    reinitialize_,
+)
 from lightning_lens.sanity.report import (
     MethodResult,
     RandomizationReport,
@@ -46,9 +60,11 @@ from lightning_lens.sanity.report import (
 )
 from lightning_lens.sanity.similarity import MapSimilarity
 from lightning_lens.utils import resolve_target
+from lightning_lens.utils.targets import per_example_target
+from lightning_lens.utils.checks import check_float, check_int
 from lightning_lens.utils.targets import Target
 
-__all__ = ["cascading_randomization", "independent_randomization", "RANDOMIZED_PREDICTION"]
+__all__ = ["cascading_randomization", "independent_randomization", "RANDOMIZED_PREDICTION", "SmoothedMethod"]
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +91,15 @@ def cascading_randomization(
     controls: bool = True,
     init_fn: Optional[InitFn] = None,
     progress: Optional[Progress] = None,
+    smooth_samples: int = 1,
+    smooth_noise: float = 0.0,
 ) -> RandomizationReport:
     """Randomize the model's layers cumulatively and measure how each method's maps change.
 
     Stage ``s`` has the ``s`` layers closest to the output (``order="top_down"``, the paper) or to the input
     (``"bottom_up"``, Hedström et al. 2023) re-initialized. Cost: ``S + 1`` explanations per method for ``S``
-    layers (plus one for the ceiling of a stochastic method), one deep copy and one forward pass to find the layers.
+    layers (plus one for the ceiling of a stochastic method), one deep copy and one forward pass to find the layers
+    (none with a given target when the first method runs the model on the inputs themselves: it records them).
 
     Args:
         model: a classifier returning ``(batch, classes)`` logits. Never modified.
@@ -102,6 +121,13 @@ def cascading_randomization(
             as much as anything, so it is inconclusive, never a pass). Skipped for names already in ``methods``.
         init_fn: re-initialization of parameters no ``reset_parameters`` covers.
         progress: called as ``progress(stage, num_stages, layer_name)`` after each stage.
+        smooth_samples, smooth_noise: smooth MPRT (Hedström et al. 2023, "Sanity Checks Revisited: An Exploration
+            to Repair the Model Parameter Randomisation Test"): every explanation (original, each stage, controls)
+            is the mean of the method's explanations of ``smooth_samples`` noisy copies ``x + e``, ``e ~ N(0,
+            (smooth_noise * (max(x) - min(x)))^2)`` per example, so noise in the attributions does not pass for
+            sensitivity to the weights. The copies come from a private generator seeded from ``seed`` and are the
+            same at every stage. ``1`` and ``0.0`` (default): the plain test. Hedström et al. use 50 samples and
+            noise 0.1; the cost grows ``smooth_samples``-fold.
 
     Returns:
         A :class:`RandomizationReport`; ``print(report.summary())`` for the verdicts and curves.
@@ -113,7 +139,7 @@ def cascading_randomization(
         ('classifier.3', 'fails')
     """
     return _randomization_test("cascading", model, inputs, target, methods, order, layers, batchnorm, similarity,
-                               rule, seed, keep_maps, controls, init_fn, progress)
+                               rule, seed, keep_maps, controls, init_fn, progress, smooth_samples, smooth_noise)
 
 
 def independent_randomization(
@@ -132,6 +158,8 @@ def independent_randomization(
     controls: bool = True,
     init_fn: Optional[InitFn] = None,
     progress: Optional[Progress] = None,
+    smooth_samples: int = 1,
+    smooth_noise: float = 0.0,
 ) -> RandomizationReport:
     """Randomize one layer at a time (the others keep their trained weights) and measure how the maps change.
 
@@ -145,7 +173,7 @@ def independent_randomization(
         ('independent', 6)
     """
     return _randomization_test("independent", model, inputs, target, methods, order, layers, batchnorm, similarity,
-                               rule, seed, keep_maps, controls, init_fn, progress)
+                               rule, seed, keep_maps, controls, init_fn, progress, smooth_samples, smooth_noise)
 
 
 def _stage_zero(
@@ -156,8 +184,13 @@ def _stage_zero(
     bound: list,
     similarity: MapSimilarity,
     randomized_target: bool,
+    keep_signed: bool = True,
 ) -> tuple[list[Layer], list[str], Optional[torch.Tensor], torch.Tensor, list[Reference]]:
     """The layers, the fixed target, the original prediction and every method's reference maps and controls."""
+    if not randomized_target and target is not None and bound:
+        merged = _stage_zero_merged(clone, x, target, layers, bound, similarity, keep_signed)
+        if merged is not None:
+            return merged
     outputs: list = []
     found, skipped = find_layers(clone, x, layers, output=outputs)
     if not found:
@@ -166,7 +199,40 @@ def _stage_zero(
     fixed = None if randomized_target else resolve_target(target, logits)  # type: ignore[arg-type]
     prediction = logits.argmax(dim=1)
     stage_target = prediction if randomized_target else fixed
-    references = [Reference.compute(m, x, stage_target, similarity) for m in bound]
+    references = [Reference.compute(m, x, stage_target, similarity, keep_signed=keep_signed) for m in bound]
+    return found, skipped, fixed, prediction, references
+
+
+def _stage_zero_merged(
+    clone: nn.Module,
+    x: torch.Tensor,
+    target: Target,
+    layers: LayerSpec,
+    bound: list,
+    similarity: MapSimilarity,
+    keep_signed: bool,
+) -> Optional[tuple[list[Layer], list[str], Optional[torch.Tensor], torch.Tensor, list[Reference]]]:
+    """:func:`_stage_zero` for a given target with the layer discovery folded into the first method's explanation
+    (:class:`~lightning_lens.sanity.layers.ExecutionRecorder`): one forward pass fewer when that explanation runs the
+    model on the inputs themselves (gradient-type methods; otherwise the discovery pass runs after it). ``None`` when
+    anything fails: the caller then takes the plain path, which reports errors with its own messages."""
+    try:
+        fixed = per_example_target(target, x.shape[0], x.device)
+        with ExecutionRecorder(clone, x) as recorder:
+            first = Reference.compute(bound[0], x, fixed, similarity, keep_signed=keep_signed)
+        if recorder.order is not None:
+            found, skipped = layers_in_order(clone, recorder.order, layers)
+            logits = checked_logits([recorder.output], x)
+        else:  # the first explanation did not run the model on the inputs (a path, noisy copies): discover now
+            outputs: list = []
+            found, skipped = find_layers(clone, x, layers, output=outputs)
+            logits = checked_logits(outputs, x)
+        if not found or not torch.equal(resolve_target(target, logits), fixed):
+            return None
+    except Exception:  # noqa: BLE001 - the plain path raises the documented errors
+        return None
+    prediction = logits.argmax(dim=1)
+    references = [first] + [Reference.compute(m, x, fixed, similarity, keep_signed=keep_signed) for m in bound[1:]]
     return found, skipped, fixed, prediction, references
 
 
@@ -201,8 +267,12 @@ def _randomization_test(
     controls: bool,
     init_fn: Optional[InitFn],
     progress: Optional[Progress],
+    smooth_samples: int = 1,
+    smooth_noise: float = 0.0,
 ) -> RandomizationReport:
     _check_options(order, batchnorm, seed, target)
+    check_int(smooth_samples, "smooth_samples", minimum=1)
+    smooth_noise = check_float(smooth_noise, "smooth_noise", minimum=0.0)
     similarity = similarity or MapSimilarity()
     rule = rule or VerdictRule()
     specs = normalize_methods(methods)
@@ -211,9 +281,11 @@ def _randomization_test(
     if controls:
         specs += control_methods(x, exclude=[label for label, _ in specs])
     bound = [bind(label, spec, model, clone, memo) for label, spec in specs]
+    if smooth_samples > 1 or smooth_noise > 0:
+        bound = [SmoothedMethod(m.name, m.method, m.fn, m.model, smooth_samples, smooth_noise, seed) for m in bound]
     randomized_target = isinstance(target, str)
     found, skipped, fixed, prediction, references = in_fast_layout(
-        clone, x, lambda: _stage_zero(clone, x, target, layers, bound, similarity, randomized_target))
+        clone, x, lambda: _stage_zero(clone, x, target, layers, bound, similarity, randomized_target, keep_maps))
     sequence = list(reversed(found)) if order == "top_down" else found
     generator = torch.Generator().manual_seed(seed)
     predictions = [prediction.cpu()]
@@ -250,7 +322,7 @@ def _randomization_test(
     )
     for i, ref in enumerate(references):
         name = ref.method.name
-        scores, prepared = ref.compare_stages(stage_maps[i], similarity)
+        scores, prepared = ref.compare_stages(stage_maps[i], similarity, keep_signed=keep_maps)
         stage_maps[i] = []  # free the raw maps
         sims = {m: v.detach().float().cpu() for m, v in scores.items()}
         maps = signed = None
@@ -265,3 +337,46 @@ def _randomization_test(
         )
     return report
 
+
+
+@dataclass
+class SmoothedMethod(BoundMethod):
+    """A bound method whose explanation is the mean over ``samples`` noisy copies of the inputs (smooth MPRT).
+
+    Copy ``i`` is ``x + noise * (max(x_b) - min(x_b)) * z_i`` per example ``b``, ``z_i ~ N(0, 1)`` drawn from a private
+    generator re-seeded with ``seed`` on every call, so every call (every randomization stage) sees the same copies.
+
+    Example:
+        >>> from lightning_lens.sanity._common import bind
+        >>> model = torch.nn.Linear(3, 2)
+        >>> m = bind("gradient", "gradient", model, model, {})
+        >>> smooth = SmoothedMethod(m.name, m.method, m.fn, m.model, samples=4, noise=0.1, seed=0)
+        >>> torch.allclose(smooth.explain(torch.rand(2, 3), torch.tensor([0, 1])), model.weight.detach()[[0, 1]])
+        True
+    """
+
+    samples: int = 1
+    noise: float = 0.0
+    seed: int = 0
+
+    def noisy_copies(self, inputs: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The ``samples`` noisy copies of ``inputs``, in order (the same on every call)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        span = (inputs.flatten(1).amax(dim=1) - inputs.flatten(1).amin(dim=1)).view(-1, *([1] * (inputs.dim() - 1)))
+        for _ in range(self.samples):
+            z = torch.randn(inputs.shape, generator=generator, dtype=inputs.dtype).to(inputs.device)
+            yield inputs + self.noise * span * z
+
+    def _mean(self, explain: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        total: Optional[torch.Tensor] = None
+        for copy_ in self.noisy_copies(inputs):
+            maps = explain(copy_)
+            total = maps.clone() if total is None else total.add_(maps)
+        assert total is not None
+        return total / self.samples
+
+    def explain(self, inputs: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        return self._mean(lambda x: BoundMethod.explain(self, x, target), inputs)
+
+    def rerun(self, inputs: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        return self._mean(lambda x: BoundMethod.rerun(self, x, target), inputs)

@@ -494,13 +494,13 @@ class PreparedMaps:
 
     Attributes:
         absolute: ``(B, *spatial)`` normalized absolute maps in ``[0, 1]``.
-        signed: ``(B, *spatial)`` normalized signed maps in ``[-1, 1]``.
+        signed: ``(B, *spatial)`` normalized signed maps in ``[-1, 1]`` (``None`` if prepared with ``signed=False``).
         finite: ``(B,)`` rows without ``nan``/``inf`` in the raw maps.
         stats: per-metric statistics (standardized ranks, HOG features, SSIM local moments, top-k masks).
     """
 
     absolute: torch.Tensor
-    signed: torch.Tensor
+    signed: Optional[torch.Tensor]
     finite: torch.Tensor
     stats: dict[str, Any]
 
@@ -508,6 +508,8 @@ class PreparedMaps:
         def r(v: Any) -> Any:
             if isinstance(v, tuple):
                 return tuple(r(t) for t in v)
+            if v is None:  # signed maps not prepared
+                return None
             return fn(v) if v.dim() else v  # 0-dim entries (the top-k count) are per batch, not per example
 
         return PreparedMaps(r(self.absolute), r(self.signed), r(self.finite), {k: r(v) for k, v in self.stats.items()})
@@ -621,8 +623,13 @@ class MapSimilarity:
         return self.metrics
 
     # ----------------------------------------------------------------------------------------------------- compare
-    def prepare(self, maps: torch.Tensor, metrics: Optional[Sequence[str]] = None) -> PreparedMaps:
-        """Normalize ``maps`` once and compute what ``metrics`` need (default: :meth:`applicable` ones)."""
+    def prepare(self, maps: torch.Tensor, metrics: Optional[Sequence[str]] = None, *, signed: bool = True
+                ) -> PreparedMaps:
+        """Normalize ``maps`` once and compute what ``metrics`` need (default: :meth:`applicable` ones).
+
+        ``signed=False`` skips the normalized signed maps (``PreparedMaps.signed`` is ``None``) unless
+        ``spearman_signed`` needs them: no metric but that one reads them.
+        """
         if not isinstance(maps, torch.Tensor) or maps.dim() < 2:
             raise ValueError("maps must be a tensor of shape (batch, ...) with at least two dimensions")
         maps = maps.detach()
@@ -643,20 +650,24 @@ class MapSimilarity:
         magnitude, values = aggregated.to(_work_dtype(aggregated)), values.to(_work_dtype(aggregated))
         to_absolute = _absolute_scaler(magnitude, self.clip_percentile, values)
         absolute = to_absolute(magnitude)
-        signed_flat = _rows(aggregate_channels(clean, signed=True))
         signed_values = signed_order = None
         one_channel = maps.dim() < 4 or maps.shape[1] == 1  # then the magnitude is |signed|, entry by entry
+        signed_map: Optional[torch.Tensor] = None  # stays None when not wanted
         if "spearman_signed" in wanted:
+            signed_flat = _rows(aggregate_channels(clean, signed=True))
             signed_values, signed_order = (_sort_signed_by_magnitude(signed_flat, order.to(signed_flat.device))
                                            if one_channel else _sort_rows(signed_flat))
             to_signed = _signed_scaler(signed_flat, self.clip_percentile, signed_values)
+            signed_map = to_signed(signed_flat)
+        elif not signed:
+            pass
         elif one_channel and self.clip_percentile is not None:
             # the percentile of |signed| is that of the magnitude, whose sorted rows are at hand: no selection
             span = _percentile_of_sorted(values, self.clip_percentile)
-            to_signed = lambda t: _scale(t, span).clamp_(-1, 1)  # noqa: E731
+            signed_map = _scale(_rows(aggregate_channels(clean, signed=True)), span).clamp_(-1, 1)
         else:
-            to_signed = _signed_scaler(signed_flat, self.clip_percentile)
-        signed = to_signed(signed_flat)
+            signed_flat = _rows(aggregate_channels(clean, signed=True))
+            signed_map = _signed_scaler(signed_flat, self.clip_percentile)(signed_flat)
 
         stats: dict[str, Any] = {}
         if "spearman_abs" in metrics:
@@ -682,7 +693,7 @@ class MapSimilarity:
             mask = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(1, top.to(magnitude.device), True)
             stats["topk"] = (mask, torch.tensor(count), values[:, -1] == values[:, 0])
         shape = (batch, *spatial) if spatial is not None else (batch, magnitude.shape[1])
-        return PreparedMaps(absolute.view(shape), signed.view(shape), finite, stats)
+        return PreparedMaps(absolute.view(shape), None if signed_map is None else signed_map.view(shape), finite, stats)
 
     def compare(
         self, a: PreparedMaps, b: PreparedMaps, metrics: Optional[Sequence[str]] = None

@@ -15,7 +15,13 @@ from lightning_lens.slices.binning import AttributeBins, Binning, apply_bins, fi
 from lightning_lens.slices.embedding import PCABasis, cluster_embeddings, describe_clusters
 from lightning_lens.slices.finder import SliceFinder, default_min_support, find_slices
 from lightning_lens.slices.outcomes import EXCLUSION_REASONS, classification_outcomes, exclusion_counts
-from lightning_lens.slices.report import TABLE_COLUMNS, labelled_image_rows, slice_table_rows, summarize_slices
+from lightning_lens.slices.report import (
+    TABLE_COLUMNS,
+    TABLE_LEGEND,
+    labelled_image_rows,
+    slice_table_rows,
+    summarize_slices,
+)
 from lightning_lens.slices.reservoir import Reservoir
 from lightning_lens.slices.search import enumerate_slices, gap_upper_bound, slice_count_steps
 from lightning_lens.slices.shards import run_local, run_sharded
@@ -33,6 +39,7 @@ from lightning_lens.slices.tracking import SliceTracker, tracking_name
 __all__ = [
     "EXCLUSION_REASONS",
     "TABLE_COLUMNS",
+    "TABLE_LEGEND",
     "AttributeBins",
     "Binning",
     "PCABasis",

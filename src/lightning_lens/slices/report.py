@@ -11,11 +11,25 @@ import numpy as np
 from lightning_lens.slices.slice import Slice
 from lightning_lens.utils.checks import check_int
 
-__all__ = ["TABLE_COLUMNS", "labelled_image_rows", "slice_table_rows", "summarize_slices"]
+__all__ = ["TABLE_COLUMNS", "TABLE_LEGEND", "labelled_image_rows", "slice_table_rows", "summarize_slices"]
 
-#: columns of :func:`slice_table_rows`
-TABLE_COLUMNS = ["rank", "slice", "kind", "n", "share", "accuracy", "error [95% CI]", "rest error", "gap", "ratio",
-                 "mean loss", "q", "score", "first seen"]
+#: columns of :func:`slice_table_rows`: every column but "slice" and "kind" holds numbers (None where blank), so
+#: W&B sorts them; the error's 95% interval is two columns
+TABLE_COLUMNS = ["rank", "slice", "kind", "n", "share", "accuracy", "error", "CI low", "CI high", "rest error", "ratio",
+                 "q", "score", "first seen"]
+
+#: what the columns of :data:`TABLE_COLUMNS` mean (logged as the line under the table)
+TABLE_LEGEND = (
+    "n: samples in the slice; share: n / samples analysed; accuracy and error: in the slice; CI low, CI high: the"
+    " error's 95% Wilson interval; rest error: the error rate outside the slice; ratio: error / rest error; q: the"
+    " slice's p-value (one-sided exact test, error above the rest) adjusted for every slice tested (FDR), small ="
+    " unlikely to be chance; score: the search's ranking score (SliceLine: high error and large size); first seen:"
+    " the epoch the slice was first reported."
+)
+
+
+def _number(x: Optional[float], digits: int) -> Optional[float]:
+    return None if x is None or not math.isfinite(x) else round(float(x), digits)
 
 
 def slice_table_rows(
@@ -32,7 +46,8 @@ def slice_table_rows(
     excluded: int = 0,
 ) -> list[list[Any]]:
     """Rows under :data:`TABLE_COLUMNS`: the top ``max_rows`` slices, a "none found" row when there is none, and a
-    row counting the samples left out (NaN/inf) when there are any.
+    row counting the samples left out (NaN/inf) when there are any. Numbers stay numbers (rounded to 4 decimals; a
+    ratio against an error-free rest is ``inf``); cells that do not apply are None.
 
     Args:
         slices: reported slices, best first.
@@ -44,28 +59,29 @@ def slice_table_rows(
         excluded: samples left out of the analysis.
 
     Example:
-        >>> slice_table_rows([], n_samples=100, accuracy=0.9, alpha=0.05, min_gap=0.05, excluded=2)[1][:4]
-        ['-', 'excluded: non-finite inputs, logits, loss or embedding, or a label outside the classes', 'excluded', 2]
+        >>> rows = slice_table_rows([], n_samples=100, accuracy=0.9, alpha=0.05, min_gap=0.05, excluded=2)
+        >>> rows[1][2:5]  # kind, n, share
+        ['excluded', 2, 0.0196]
     """
     max_rows = check_int(max_rows, "max_rows", minimum=1)
     names = list(names) if names is not None else [s.name for s in slices]
     first_seen = dict(first_seen or {})
     rows: list[list[Any]] = []
+    blank: list[Any] = [None] * (len(TABLE_COLUMNS) - 6)
     for rank, (s, key) in enumerate(zip(slices[:max_rows], names)):
         rows.append([
-            rank + 1, s.name, s.kind, s.size, f"{s.fraction:.1%}", round(s.accuracy, 4),
-            f"{s.error_rate:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}]", round(s.rest_rate, 4), round(s.difference, 4),
-            round(s.ratio, 3) if math.isfinite(s.ratio) else "inf",
-            None if s.mean_loss is None else round(s.mean_loss, 4), f"{s.q_value:.2g}", round(s.score, 3),
+            rank + 1, s.name, s.kind, s.size, _number(s.fraction, 4), _number(s.accuracy, 4),
+            _number(s.error_rate, 4), _number(s.ci_low, 4), _number(s.ci_high, 4), _number(s.rest_rate, 4),
+            round(s.ratio, 3) if math.isfinite(s.ratio) else math.inf, float(s.q_value), _number(s.score, 4),
             first_seen.get(key, epoch),
         ])
     if not rows:
         none = f"no slice with q <= {alpha:g} and gap >= {min_gap:g}"
-        rows.append(["-", none, "", int(n_samples), "100%", round(float(accuracy), 4), "", "", "", "", "", "", "", ""])
+        rows.append([None, none, "", int(n_samples), 1.0, _number(float(accuracy), 4), *blank])
     if excluded:
         total = int(n_samples) + int(excluded)
-        rows.append(["-", "excluded: non-finite inputs, logits, loss or embedding, or a label outside the classes",
-                     "excluded", int(excluded), f"{excluded / total:.1%}", "", "", "", "", "", "", "", "", ""])
+        rows.append([None, "excluded: non-finite inputs, logits, loss or embedding, or a label outside the classes",
+                     "excluded", int(excluded), _number(excluded / total, 4), None, *blank])
     return rows
 
 
@@ -90,9 +106,14 @@ def summarize_slices(
 
 
 def labelled_image_rows(
-    images: Sequence[np.ndarray], labels: Sequence[str], per_row: int = 8, cell_size: int = 64
+    images: Sequence[np.ndarray],
+    labels: Sequence[str],
+    per_row: int = 8,
+    cell_size: int = 96,
+    title: Optional[str] = None,
 ) -> np.ndarray:
-    """uint8 (H, W, 3) images, each under its label, ``per_row`` to a row, as one uint8 image.
+    """uint8 (H, W, 3) images, each under its label, ``per_row`` to a row, as one uint8 image; ``title`` (e.g. the
+    slice the examples come from) is a line of text above them.
 
     Example:
         >>> grid = labelled_image_rows([np.zeros((4, 4, 3), np.uint8)] * 3, ["a", "b", "c"], per_row=2, cell_size=16)
@@ -104,7 +125,8 @@ def labelled_image_rows(
     if len(images) != len(labels) or not images:
         raise ValueError(f"need one label per image and at least one image, got {len(images)} and {len(labels)}")
     per_row = check_int(per_row, "per_row", minimum=1)
-    rows = [image_grid([list(images[i : i + per_row])], col_labels=list(labels[i : i + per_row]), cell_size=cell_size)
+    rows = [image_grid([list(images[i : i + per_row])], col_labels=list(labels[i : i + per_row]), cell_size=cell_size,
+                       title=title if i == 0 else None)
             for i in range(0, len(images), per_row)]
     width = max(r.shape[1] for r in rows)
     return np.concatenate(
