@@ -156,3 +156,15 @@ def test_every_callback_takes_verbose_in_its_constructor():
     assert callbacks.RandomizationSanityCheck(verbose=False).verbose is False
     with pytest.raises(TypeError, match="verbose"):
         callbacks.SaliencyMapCallback(verbose="no")
+
+
+def test_the_saliency_summary_says_which_epochs_each_method_got(tmp_path):
+    # regression: under a budget methods take turns, but the summary claimed every method at every logged epoch
+    from lightning_lens.callbacks import SaliencyMapCallback
+
+    saliency = SaliencyMapCallback(methods=["gradient", "smoothgrad"], num_probes=2, time_budget=1e-6)
+    _fit(tmp_path, [saliency], max_epochs=2, limit_train_batches=1, limit_val_batches=1)
+    # the time budget lets only the longest-waiting method run each epoch: gradient, then smoothgrad
+    assert saliency.method_epochs == {"gradient": [0], "smoothgrad": [1]}
+    summary = saliency.summary()
+    assert "gradient logged at epochs 0" in summary and "smoothgrad logged at epochs 1" in summary

@@ -50,7 +50,8 @@ def test_a_readme_block_runs_as_written(tmp_path, index):
         assert list((tmp_path / "lens_logs" / "readme").glob("version_0/events.out.tfevents.*"))
         assert "RandomizationSanityCheck verdicts" in result.stderr
         assert "SubgroupErrorSlices (slices): epoch 0:" in result.stderr
-        assert "SaliencyMapCallback: maps of gradient, integrated_gradients, gradcam logged at epochs 0" in result.stderr
+        # one short epoch: the 5 % budget lets the methods take turns, and the summary says which ran
+        assert "SaliencyMapCallback: maps of gradient" in result.stderr and "logged at epochs 0" in result.stderr
         report = subprocess.run([sys.executable, "-m", "lightning_lens", "report", "lens_logs", "-o", "r.html"],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert report.returncode == 0, report.stderr

@@ -291,6 +291,7 @@ class SaliencyMapCallback(ProbeCallback):
         self._estimates: dict[str, float] = {}  # method -> seconds for all probes, from the dry run
         self._attempted: dict[str, int] = {}  # method -> when it last ran (or failed), counted in method runs
         self._runs = 0
+        self.method_epochs: dict[str, list[int]] = {}  # method -> epochs of fit whose maps it logged (summary)
         self._last_attributions: dict[str, torch.Tensor] = {}
         self._last_targets: Optional[torch.Tensor] = None
 
@@ -319,6 +320,8 @@ class SaliencyMapCallback(ProbeCallback):
     # ----------------------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._bind_methods(pl_module)
+        if stage == "fit":
+            self.method_epochs = {}
         if not trainer.loggers:
             rank_zero_warn(
                 "SaliencyMapCallback has no logger to write to (Trainer(logger=False)); the maps are still computed"
@@ -648,6 +651,10 @@ class SaliencyMapCallback(ProbeCallback):
             return
         computed[name], method_scalars = out
         scalars.update(method_scalars)
+        if trainer.state.fn == "fit":
+            epochs = self.method_epochs.setdefault(name, [])
+            if int(trainer.current_epoch) not in epochs:
+                epochs.append(int(trainer.current_epoch))
         if self.layout == "per_method":
             self.run_part(trainer, f"render:{name}", self._log_method_grid, trainer, name, probes, display,
                           computed[name], preds, probs, step)
@@ -930,7 +937,8 @@ class SaliencyMapCallback(ProbeCallback):
 
         if not self.run_epochs:
             return None
-        return saliency_summary(self.run_epochs, self.method_names, getattr(self, "last_scalars", {}))
+        return saliency_summary(self.run_epochs, self.method_names, getattr(self, "last_scalars", {}),
+                                method_epochs=self.method_epochs)
 
 
 # --------------------------------------------------------------------------------------------------------- figures

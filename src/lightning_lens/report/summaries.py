@@ -188,9 +188,15 @@ def tracin_summary(when: str, scored: int, planned: int, checkpoints: int, ranke
     return text
 
 
-def saliency_summary(epochs: Sequence[int], methods: Sequence[str], scalars: Mapping[str, float]) -> str:
+def saliency_summary(
+    epochs: Sequence[int],
+    methods: Sequence[str],
+    scalars: Mapping[str, float],
+    method_epochs: Optional[Mapping[str, Sequence[int]]] = None,
+) -> str:
     """Which epochs got maps, for which methods, and the last epoch's quality metrics (``quality/...`` scalars; a
-    mask metric is shown beside its ``_chance`` level).
+    mask metric is shown beside its ``_chance`` level). With ``method_epochs`` (method -> the epochs it logged; under
+    a budget methods take turns) methods are grouped by their epochs; a method that never ran is said so.
 
     Example:
         >>> saliency_summary([0, 3], ["gradient"], {"quality/gradient/relevance_mass/square": 0.41,
@@ -198,9 +204,19 @@ def saliency_summary(epochs: Sequence[int], methods: Sequence[str], scalars: Map
         ... # doctest: +NORMALIZE_WHITESPACE
         ['SaliencyMapCallback: maps of gradient logged at epochs 0, 3',
          'quality at the last: gradient relevance_mass/square 0.41 (chance 0.04)']
+        >>> saliency_summary([0, 7], ["gradient", "smoothgrad", "gradcam"], {},
+        ...                  method_epochs={"gradient": [0, 7], "smoothgrad": [7], "gradcam": [7]})
+        'SaliencyMapCallback: maps of gradient logged at epochs 0, 7; smoothgrad, gradcam logged at epochs 7'
     """
-    text = (f"SaliencyMapCallback: maps of {', '.join(methods) or 'no method'} logged at epochs"
-            f" {epochs_text(epochs) or '-'}")
+    if method_epochs is None:
+        groups = {tuple(epochs): list(methods)}
+    else:
+        groups = {}
+        for method in methods:
+            groups.setdefault(tuple(method_epochs.get(method, ())), []).append(method)
+    parts = [f"{', '.join(names) or 'no method'} logged at epochs {epochs_text(list(ep)) or '-'}" if ep else
+             f"{', '.join(names)} not logged (deferred by the budget every time)" for ep, names in groups.items()]
+    text = "SaliencyMapCallback: maps of " + "; ".join(parts)
     quality = []
     for key, value in scalars.items():
         if not key.startswith("quality/") or key.endswith("_chance"):
