@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -26,6 +25,7 @@ from lightning_lens.attribution._inputs import ModelInputs
 from lightning_lens.attribution.base import Attribution, OutputFn, Target, target_scores
 from lightning_lens.utils import resolve_target
 from lightning_lens.utils.checks import check_int
+from lightning_lens.utils.rng import check_seed
 
 __all__ = [
     "PerturbationAttribution",
@@ -514,17 +514,6 @@ def _per_attributed_leaf(value: Any, inputs: ModelInputs, argument: str, default
         raise TypeError(f"{argument}: a {type(value).__name__} for a single input tensor; give one tensor")
     entries = inputs.unpack(value, argument)
     return [default if e is None or e is ... else e for e, a in zip(entries, inputs.is_attributed) if a]
-
-
-def check_seed(seed: Any) -> Optional[int]:
-    return None if seed is None else check_int(seed, "seed")
-
-
-def private_generator(seed: Optional[int]) -> torch.Generator:
-    """A CPU generator seeded with ``seed``, or from OS entropy when ``seed`` is None (the global RNG is untouched)."""
-    gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
-    return gen
 
 
 class PerturbationAttribution(Attribution):

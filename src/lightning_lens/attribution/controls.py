@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lens.attribution.base import Attribution, OutputFn, Target
-from lightning_lens.attribution.smoothgrad import _check_seed, private_generator
+from lightning_lens.utils.rng import check_seed, private_generator
 
 
 class EdgeDetector(Attribution):
@@ -89,7 +89,7 @@ class RandomMap(Attribution):
         eval_mode: bool = True,
     ) -> None:
         super().__init__(model, output_fn=output_fn, eval_mode=eval_mode)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
 
     def _attribute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
         """Random maps shaped like ``inputs`` (``abs=True``: half-normal)."""

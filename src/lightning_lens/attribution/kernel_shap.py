@@ -11,12 +11,11 @@ from lightning_lens.attribution._perturbation import (
     Baseline,
     FeatureMask,
     PerturbationAttribution,
-    check_seed,
-    private_generator,
     shapley_coalitions,
 )
 from lightning_lens.attribution.base import OutputFn, Target
 from lightning_lens.utils.checks import check_int
+from lightning_lens.utils.rng import check_seed, private_generator
 
 
 class KernelSHAP(PerturbationAttribution):

@@ -11,13 +11,12 @@ from lightning_lens.attribution._perturbation import (
     Baseline,
     FeatureMask,
     PerturbationAttribution,
-    check_seed,
     lime_coalitions,
-    private_generator,
     weighted_lasso,
 )
 from lightning_lens.attribution.base import OutputFn, Target
 from lightning_lens.utils.checks import check_choice, check_float, check_int
+from lightning_lens.utils.rng import check_seed, private_generator
 
 _DISTANCES = ("cosine", "euclidean")
 

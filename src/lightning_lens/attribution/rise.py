@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_lens.attribution._batching import blocks, check_batch_size, logits_in_blocks, resolve_batch_size
 from lightning_lens.attribution.base import Attribution, OutputFn, Target, forward_logits, target_scores
-from lightning_lens.attribution.smoothgrad import _check_seed, private_generator
+from lightning_lens.utils.rng import check_seed, private_generator
 from lightning_lens.utils import resolve_target
 from lightning_lens.utils.checks import check_bool, check_float, check_int
 
@@ -77,14 +77,14 @@ class RISE(Attribution):
         self.probability = check_float(probability, "probability", minimum=0.0, maximum=1.0, open_min=True)
         self.softmax = check_bool(softmax, "softmax")
         self.batch_size = check_batch_size(batch_size)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
 
     def _check_option(self, key: str, value: object) -> object:
         if key == "n_masks":
             return check_int(value, "n_masks", minimum=1)
         if key == "batch_size":
             return check_batch_size(value)  # type: ignore[arg-type]
-        return _check_seed(value)  # type: ignore[arg-type]
+        return check_seed(value)  # type: ignore[arg-type]
 
     def attribute(  # type: ignore[override]
         self,

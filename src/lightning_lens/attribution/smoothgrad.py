@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
@@ -21,21 +20,11 @@ from lightning_lens.attribution.base import Attribution, OutputFn, Target, gradi
 from lightning_lens.attribution.layer import LayerSpec, layer_hook
 from lightning_lens.utils import resolve_target
 from lightning_lens.utils.checks import check_choice, check_int
+from lightning_lens.utils.rng import check_seed, private_generator
 from lightning_lens.utils.targets import per_example_target
 
 Variant = Literal["mean", "squared", "var"]
 _VARIANTS = ("mean", "squared", "var")
-
-
-def _check_seed(seed: Optional[int]) -> Optional[int]:
-    return None if seed is None else check_int(seed, "seed")
-
-
-def private_generator(seed: Optional[int], device: torch.device) -> torch.Generator:
-    """A generator on ``device``: seeded with ``seed``, or from OS entropy when ``seed`` is None (global RNG untouched)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
-    return gen
 
 
 class SmoothGrad(Attribution):
@@ -101,7 +90,7 @@ class SmoothGrad(Attribution):
         self.noise_level = self._check_noise_level(noise_level)
         self.variant = check_choice(variant, "variant", _VARIANTS)
         self.batch_size = check_batch_size(batch_size)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -123,7 +112,7 @@ class SmoothGrad(Attribution):
             return self._check_noise_level(value)  # type: ignore[arg-type]
         if key == "batch_size":
             return check_batch_size(value)  # type: ignore[arg-type]
-        return _check_seed(value)  # type: ignore[arg-type]
+        return check_seed(value)  # type: ignore[arg-type]
 
     def attribute(  # type: ignore[override]
         self,

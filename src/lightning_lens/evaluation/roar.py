@@ -181,10 +181,9 @@ def remove_and_retrain(
         >>> print(report.summary())  # doctest: +SKIP
     """
     from lightning_lens.attribution.registry import method_specs, resolve_method
-    from lightning_lens.lightning_modules import check_lightning_module, fit_random_label_twin
+    from lightning_lens.lightning_modules import check_lightning_module
     from lightning_lens.sanity._common import predict, private_copy
-    from lightning_lens.sanity.data_randomization import _trainable_copy
-    from lightning_lens.sanity.layers import find_layers, reinitialize_
+    from lightning_lens.sanity.data_randomization import fit_seeded_copy
     from lightning_lens.sanity.report import Verdict
 
     check_lightning_module(module, "module", fix="each retraining fits a copy with a fresh Trainer; wrap a plain"
@@ -228,23 +227,15 @@ def remove_and_retrain(
                             torch.rand(x_test.shape[0], positions, generator=generator))
         fill = _channel_mean(x_train)
 
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         epochs_run = 0
 
         def retrain(train_x: torch.Tensor, test_x: torch.Tensor) -> float:
             nonlocal epochs_run
-            twin = _trainable_copy(module)
-            with torch.random.fork_rng(devices=devices):
-                # the same seed for every model: the accuracies differ by the data only
-                torch.manual_seed(seed)
-                if reinitialize:
-                    init = torch.Generator().manual_seed(seed)
-                    probe = train_x[:2].to(next(twin.parameters()).device)
-                    for layer in find_layers(twin, probe)[0]:
-                        reinitialize_(layer, init, batchnorm="reset")
-                loader = DataLoader(TensorDataset(train_x, y_train), batch_size=batch_size, shuffle=True,
-                                    generator=torch.Generator().manual_seed(seed))
-                epochs_run = fit_random_label_twin(twin, loader, max_epochs=max_epochs, trainer_kwargs=trainer_kwargs)
+            # the same seed for every model: the accuracies differ by the data only
+            loader = DataLoader(TensorDataset(train_x, y_train), batch_size=batch_size, shuffle=True,
+                                generator=torch.Generator().manual_seed(seed))
+            twin, epochs_run = fit_seeded_copy(module, loader, train_x[:2], seed=seed, reinitialize=reinitialize,
+                                               max_epochs=max_epochs, trainer_kwargs=trainer_kwargs)
             trained, _ = private_copy(twin)
             trained_device = next(trained.parameters()).device
             correct = 0

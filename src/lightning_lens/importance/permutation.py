@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -17,6 +16,7 @@ from lightning_lens.attribution._perturbation import default_feature_mask
 from lightning_lens.attribution.base import OutputFn, forward_logits
 from lightning_lens.utils import gradients_enabled, preserve_modes
 from lightning_lens.utils.checks import check_int, check_tensor
+from lightning_lens.utils.rng import private_generator
 
 __all__ = ["METRICS", "PermutationImportance", "permutation_importance"]
 
@@ -130,12 +130,6 @@ def _metric(metric: Union[None, str, Metric], outputs: torch.Tensor, targets: to
                     f" {type(metric).__name__}")
 
 
-def _private_generator(seed: Optional[int]) -> torch.Generator:
-    gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
-    return gen
-
-
 def permutation_importance(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -222,7 +216,7 @@ def permutation_importance(
             raise ValueError(f"feature_names holds {len(names)} names for {n_groups} features (groups); give one each")
     rows = batch_size if batch_size is not None else default_rows(int(np.prod(example)) if len(example) else 1)
     n = inputs.shape[0]
-    gen = _private_generator(seed)
+    gen = private_generator(seed)
     scores = np.zeros((n_groups, n_repeats))
     with gradients_enabled(), preserve_modes(model, mode=False), torch.no_grad():
         x = inputs.detach().clone()  # a normal tensor even under inference mode

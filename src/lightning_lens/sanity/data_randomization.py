@@ -40,6 +40,7 @@ from lightning_lens.sanity.report import MapComparison, VerdictRule, _f
 from lightning_lens.sanity.similarity import MapSimilarity
 from lightning_lens.utils import BatchAccessor, resolve_target
 from lightning_lens.utils.batch import _TARGET_KEYS
+from lightning_lens.utils.rng import global_rng_preserved
 from lightning_lens.utils.targets import Target
 
 __all__ = ["DataRandomizationReport", "PermutedLabels", "data_randomization_test"]
@@ -215,7 +216,7 @@ def data_randomization_test(
         >>> print(report.summary())  # doctest: +SKIP
     """
     # lazily: the twin's Trainer lives in the package's one Lightning-facing module; the rest of sanity/ is plain torch
-    from lightning_lens.lightning_modules import check_lightning_module, fit_random_label_twin
+    from lightning_lens.lightning_modules import check_lightning_module
 
     check_lightning_module(module, "module", fix="its training_step and configure_optimizers train the twin; wrap a"
                            " plain nn.Module in lightning_lens.testing.LitClassifier")
@@ -233,26 +234,19 @@ def data_randomization_test(
     real_methods = [bind(label, spec, module, real, real_memo) for label, spec in specs]
     references = [Reference.compute(m, x, targets, similarity) for m in real_methods]
 
-    twin = _trainable_copy(module)
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        # the twin's fit draws dropout and shuffling from the global RNG: seeded for reproducibility, and fork_rng
-        # restores the caller's state afterwards, so the user's training is untouched
+    user_args = dict(dataloader_kwargs or {})
+    if "batch_sampler" in user_args:
+        loader_args = user_args
+    elif "sampler" in user_args:
+        loader_args = {"batch_size": batch_size, **user_args}
+    else:
+        loader_args = {"batch_size": batch_size, "shuffle": True,
+                       "generator": torch.Generator().manual_seed(seed), **user_args}
+    loader = DataLoader(permuted, **loader_args)
+    twin, epochs = fit_seeded_copy(module, loader, x, seed=seed, reinitialize=reinitialize, max_epochs=max_epochs,
+                                   trainer_kwargs=trainer_kwargs)
+    with global_rng_preserved():  # a dataset's random transforms: reproducible, and the caller's streams untouched
         torch.manual_seed(seed)
-        if reinitialize:
-            generator = torch.Generator().manual_seed(seed)
-            for layer in find_layers(twin, x.to(next(twin.parameters()).device))[0]:
-                reinitialize_(layer, generator, batchnorm="reset")
-        user_args = dict(dataloader_kwargs or {})
-        if "batch_sampler" in user_args:
-            loader_args = user_args
-        elif "sampler" in user_args:
-            loader_args = {"batch_size": batch_size, **user_args}
-        else:
-            loader_args = {"batch_size": batch_size, "shuffle": True,
-                           "generator": torch.Generator().manual_seed(seed), **user_args}
-        loader = DataLoader(permuted, **loader_args)
-        epochs = fit_random_label_twin(twin, loader, max_epochs=max_epochs, trainer_kwargs=trainer_kwargs)
         random_model, _ = private_copy(twin)
         random_model = random_model.to(x.device)
         accessor = BatchAccessor(input_key=input_key, target_key=permuted.label_key)
@@ -273,6 +267,37 @@ def data_randomization_test(
         maps[name] = torch.stack([ref.prepared.absolute.float().cpu(), prepared.absolute.float().cpu()])
     return DataRandomizationReport(sims, floors, ceilings, verdicts, targets.cpu(), train_accuracy, probe_accuracy,
                                    epochs, maps, twin)
+
+
+def fit_seeded_copy(
+    module: nn.Module,
+    loader: DataLoader,
+    probe: torch.Tensor,
+    *,
+    seed: int,
+    reinitialize: bool,
+    max_epochs: int,
+    trainer_kwargs: Optional[Mapping[str, Any]],
+) -> tuple[nn.Module, int]:
+    """Train a deep copy of ``module`` on ``loader`` with a fresh Trainer, from ``seed``; returns ``(copy, epochs)``.
+
+    The fit draws dropout and shuffling from the global RNG: it is seeded for reproducibility inside ``fork_rng``, which
+    restores the caller's state afterwards, so the user's training is untouched. With ``reinitialize`` the copy's
+    layers (found by one forward of ``probe``) are re-drawn from ``seed`` first. Shared by the data randomization
+    test and ROAR.
+    """
+    from lightning_lens.lightning_modules import fit_random_label_twin
+
+    twin = _trainable_copy(module)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if reinitialize:
+            generator = torch.Generator().manual_seed(seed)
+            for layer in find_layers(twin, probe.to(next(twin.parameters()).device))[0]:
+                reinitialize_(layer, generator, batchnorm="reset")
+        epochs = fit_random_label_twin(twin, loader, max_epochs=max_epochs, trainer_kwargs=trainer_kwargs)
+    return twin, epochs
 
 
 def _trainable_copy(module: nn.Module) -> nn.Module:

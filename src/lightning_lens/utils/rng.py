@@ -1,15 +1,37 @@
-"""Keeping the training's global random streams where they were."""
+"""Keeping the training's global random streams where they were: private generators, and restoring the global ones."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections.abc import Iterator
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ["global_rng_preserved"]
+from lightning_lens.utils.checks import check_int
+
+__all__ = ["check_seed", "global_rng_preserved", "private_generator"]
+
+
+def check_seed(seed: Any) -> Optional[int]:
+    """A method's ``seed`` option: an int, or None for fresh entropy on every call."""
+    return None if seed is None else check_int(seed, "seed")
+
+
+def private_generator(seed: Optional[int], device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A generator on ``device``: seeded with ``seed``, or from OS entropy when ``seed`` is None (global RNG untouched).
+
+    Example:
+        >>> a, b = private_generator(3), private_generator(3)
+        >>> torch.equal(torch.rand(2, generator=a), torch.rand(2, generator=b))
+        True
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
+    return gen
 
 
 @contextlib.contextmanager
