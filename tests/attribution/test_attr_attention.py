@@ -19,6 +19,8 @@ from lightning_lens.attribution import AttentionRollout, GradientAttentionRollou
 from lightning_lens.attribution._attention import capture_attention, explicit_attention
 from lightning_lens.testing.models import TinyTextTransformer, TinyViT
 
+from _attribution_helpers import bert_batch, tiny_bert
+
 
 # ------------------------------------------------------------------------------------------------ hand computations
 def hand_rollout(maps, fusion="mean", discard=0.0):
@@ -283,24 +285,7 @@ def test_clear_errors():
 
 
 # ------------------------------------------------------------------------------------------------------ HuggingFace
-transformers = pytest.importorskip("transformers")
-
-
-def tiny_bert(attn):
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=32, num_labels=3, **({} if attn is None else {"attn_implementation": attn}),
-    )
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def bert_batch():
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 100, (3, 9), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

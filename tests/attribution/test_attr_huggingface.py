@@ -9,25 +9,10 @@ import torch
 from lightning_lens.attribution import Gradient, IntegratedGradients
 from lightning_lens.attribution.layer import reduce_tokens
 
-transformers = pytest.importorskip("transformers")
+from _attribution_helpers import bert_batch as batch, tiny_bert
+
+pytest.importorskip("transformers")
 captum_attr = pytest.importorskip("captum.attr")
-
-
-def tiny_bert(attn: str | None):
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=32, num_labels=3, **({} if attn is None else {"attn_implementation": attn}),
-    )
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def batch() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 100, (3, 9), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0  # padding
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -139,6 +139,12 @@ def capture_attention(disable_fastpath: bool = True, requires_grad: bool = False
         ...     out = layer(x)
         >>> [tuple(m.shape) for m in record.maps], torch.allclose(out, layer(x), atol=1e-6)
         ([(3, 2, 5, 5)], True)
+        >>> mha = torch.nn.MultiheadAttention(4, 2, batch_first=True).eval()
+        >>> x = torch.randn(1, 3, 4)
+        >>> with capture_attention() as record:
+        ...     out, weights = mha(x, x, x)
+        >>> torch.equal(record.maps[0].mean(1), weights)  # need_weights=True: the very tensor MHA computed
+        True
     """
     record = AttentionRecord(requires_grad=requires_grad)
     original_sdpa = F.scaled_dot_product_attention
@@ -192,18 +198,3 @@ def capture_attention(disable_fastpath: bool = True, requires_grad: bool = False
             setattr(F, "softmax", original_softmax)
             if fastpath is not None:
                 torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
-def attention_maps(run: Callable[[], Any]) -> tuple[Any, AttentionRecord]:
-    """``(run(), record)``: call ``run`` while capturing attention (see :func:`capture_attention`).
-
-    Example:
-        >>> mha = torch.nn.MultiheadAttention(4, 2, batch_first=True).eval()
-        >>> x = torch.randn(1, 3, 4)
-        >>> (out, weights), record = attention_maps(lambda: mha(x, x, x))
-        >>> torch.equal(record.maps[0].mean(1), weights)  # need_weights=True: the very tensor MHA computed
-        True
-    """
-    with capture_attention() as record:
-        result = run()
-    return result, record

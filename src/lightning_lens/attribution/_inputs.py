@@ -150,12 +150,24 @@ class ModelInputs:
         return tuple(self.leaves[0].shape)
 
     # -- building new row sets --------------------------------------------------------------------------------------
-    def _map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor], batch: int) -> "ModelInputs":
-        leaves = tuple(fn(t) for t in self.leaves)
-        kwargs = {k: fn(v) if k in self.per_example else v for k, v in self.forward_kwargs.items()}
-        out = ModelInputs(self.structure, self.keys, leaves, kwargs, per_example=self.per_example)
-        out.batch_size = batch
+    def _derived(self, leaves: Sequence[torch.Tensor], forward_kwargs: dict[str, Any], batch: int) -> "ModelInputs":
+        """A batch built from this one: the same structure, keys, attributed leaves and per-example kwargs."""
+        out = ModelInputs(self.structure, self.keys, tuple(leaves), forward_kwargs, per_example=self.per_example)
+        out.is_attributed, out.batch_size = self.is_attributed, batch
         return out
+
+    def _merge(self, values: Sequence[Any], others: Sequence[Any], what: str = "attributed tensors") -> list[Any]:
+        """``values`` (one per attributed leaf, in order) in the attributed places, ``others`` (aligned with
+        :attr:`leaves`) in the rest."""
+        values = list(values)
+        if len(values) != sum(self.is_attributed):
+            raise ValueError(f"expected {sum(self.is_attributed)} {what}, got {len(values)}")
+        it = iter(values)
+        return [next(it) if a else other for other, a in zip(others, self.is_attributed)]
+
+    def _map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor], batch: int) -> "ModelInputs":
+        kwargs = {k: fn(v) if k in self.per_example else v for k, v in self.forward_kwargs.items()}
+        return self._derived([fn(t) for t in self.leaves], kwargs, batch)
 
     def rows(self, b0: int, b1: int) -> "ModelInputs":
         """Examples ``b0:b1`` of every per-example tensor."""
@@ -170,40 +182,23 @@ class ModelInputs:
         leaves, which are then not repeated (no block-sized copy made only to be replaced).
         """
         if attributed is not None:
-            attributed = list(attributed)
-            if len(attributed) != sum(self.is_attributed):
-                raise ValueError(f"expected {sum(self.is_attributed)} attributed tensors, got {len(attributed)}")
             if k == 1:
                 return self.with_attributed(attributed)
-            others = iter(attributed)
-            leaves = tuple(next(others) if a else _repeated(t, k) for t, a in zip(self.leaves, self.is_attributed))
+            merged = self._merge(attributed, self.leaves)
+            leaves = [t if a else _repeated(t, k) for t, a in zip(merged, self.is_attributed)]
             kwargs = {key: _repeated(v, k) if key in self.per_example else v for key, v in self.forward_kwargs.items()}
-            out = ModelInputs(self.structure, self.keys, leaves, kwargs, per_example=self.per_example)
-            out.is_attributed = self.is_attributed
-            out.batch_size = k * self.batch_size
-            return out
+            return self._derived(leaves, kwargs, k * self.batch_size)
         if k == 1:
             return self
         return self._map_rows(lambda t: _repeated(t, k), k * self.batch_size)
 
     def with_attributed(self, values: Sequence[torch.Tensor]) -> "ModelInputs":
         """The same batch with the attributed leaves replaced by ``values`` (same number of rows)."""
-        values = list(values)
-        if len(values) != sum(self.is_attributed):
-            raise ValueError(f"expected {sum(self.is_attributed)} attributed tensors, got {len(values)}")
-        it = iter(values)
-        leaves = tuple(next(it) if a else t for t, a in zip(self.leaves, self.is_attributed))
-        out = ModelInputs(self.structure, self.keys, leaves, self.forward_kwargs, per_example=self.per_example)
-        out.is_attributed = self.is_attributed
-        out.batch_size = self.batch_size
-        return out
+        return self._derived(self._merge(values, self.leaves), self.forward_kwargs, self.batch_size)
 
     def with_leaves(self, leaves: Sequence[torch.Tensor]) -> "ModelInputs":
         """The same batch with every leaf replaced (e.g. a baseline that also replaces token ids)."""
-        out = ModelInputs(self.structure, self.keys, tuple(leaves), self.forward_kwargs, per_example=self.per_example)
-        out.is_attributed = self.is_attributed
-        out.batch_size = self.batch_size
-        return out
+        return self._derived(leaves, self.forward_kwargs, self.batch_size)
 
     # -- the model call and the result ------------------------------------------------------------------------------
     def call(self, model: nn.Module) -> Any:
@@ -219,11 +214,7 @@ class ModelInputs:
 
     def pack(self, values: Sequence[torch.Tensor]) -> Any:
         """Attributions of the attributed leaves (in order) in the user's structure; the other leaves unchanged."""
-        values = list(values)
-        if len(values) != sum(self.is_attributed):
-            raise ValueError(f"expected {sum(self.is_attributed)} attributions, got {len(values)}")
-        it = iter(values)
-        out = [next(it) if a else orig for orig, a in zip(self._originals, self.is_attributed)]
+        out = self._merge(values, self._originals, "attributions")
         if self.structure == "tensor":
             return out[0]
         if self.structure == "dict":

@@ -353,11 +353,9 @@ class Attribution:
         the elements of the layer's output (measured by a forward of one example, without gradients)."""
         elements = inputs.elements_per_row
         if self._layer is not None:
-            from lightning_lens.attribution.layer import layer_outputs
+            from lightning_lens.attribution.layer import layer_output
 
-            with torch.no_grad():
-                elements += layer_outputs(lambda b0, b1: self.logits(inputs.rows(0, 1).cloned()), *self._layer, 1,
-                                          1)[0].numel()
+            elements += layer_output(lambda: self.logits(inputs.rows(0, 1).cloned()), *self._layer)[0].numel()
         return elements
 
     def logits(self, inputs: Union[torch.Tensor, ModelInputs]) -> torch.Tensor:

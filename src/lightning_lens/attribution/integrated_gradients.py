@@ -21,7 +21,7 @@ from lightning_lens.attribution.base import (
     gradients,
     target_scores,
 )
-from lightning_lens.attribution.layer import LayerSpec, layer_hook, layer_outputs
+from lightning_lens.attribution.layer import LayerSpec, layer_hook, layer_output
 from lightning_lens.utils import resolve_target
 from lightning_lens.utils.checks import check_bool, check_choice, check_int
 from lightning_lens.utils.targets import per_example_target
@@ -255,9 +255,8 @@ class IntegratedGradients(Attribution):
                         logits = self.logits(part.cloned())
                 else:  # the path runs between the layer's outputs on the baseline and on the input (Captum's LayerIG)
                     parts: list[torch.Tensor] = []
-                    xs = [layer_outputs(lambda c0, c1: parts.append(self.logits(part.cloned())), *self._layer, 1, 1)]
-                    refs = [layer_outputs(lambda c0, c1: self.logits(_materialized(ref_part).cloned()),
-                                          *self._layer, 1, 1)]
+                    xs = [layer_output(lambda: parts.append(self.logits(part.cloned())), *self._layer)]
+                    refs = [layer_output(lambda: self.logits(_materialized(ref_part).cloned()), *self._layer)]
                     logits = parts[0]
             if logits is not None:
                 resolved = resolve_target(None if given is None else given[b0:b1], logits)

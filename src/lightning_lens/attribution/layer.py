@@ -114,20 +114,13 @@ def layer_hook(
         handle.remove()
 
 
-def layer_outputs(
-    run: Callable[[int, int], object], module: nn.Module, name: str, batch: int, rows: int
-) -> torch.Tensor:
-    """The layer's output for examples ``0:batch``, computed without gradients by ``run(b0, b1)`` (a forward of those
-    examples) in slices of at most ``rows`` examples."""
-    parts = []
-    with torch.no_grad():
-        for b0 in range(0, batch, max(1, rows)):
-            with layer_hook(module, name, differentiable=False) as record:
-                run(b0, min(batch, b0 + rows))
-            if record.output is None:
-                raise ValueError(f"layer={name!r} did not run in the model's forward; pick a module the forward uses")
-            parts.append(record.output)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def layer_output(run: Callable[[], object], module: nn.Module, name: str) -> torch.Tensor:
+    """The layer's output in the forward that ``run()`` makes, computed without gradients."""
+    with torch.no_grad(), layer_hook(module, name, differentiable=False) as record:
+        run()
+    if record.output is None:
+        raise ValueError(f"layer={name!r} did not run in the model's forward; pick a module the forward uses")
+    return record.output
 
 
 def reduce_tokens(attributions: torch.Tensor, how: Literal["sum", "l2"] = "sum") -> torch.Tensor:

@@ -319,11 +319,7 @@ def resolve_method(spec: MethodSpec, model: Optional[nn.Module], **kwargs: Any) 
         if kwargs:
             raise TypeError(f"keyword arguments {sorted(kwargs)} apply to method names, not to the ready {spec!r}")
         return spec  # type: ignore[return-value]
-    if not callable(spec):
-        raise TypeError(
-            "a method must be a method name, a (name, kwargs) pair, an attribution method object, a factory or an"
-            f" explain function (model, inputs, target) -> maps, got {type(spec).__name__}"
-        )
+    _check_spec_kind(spec)
     if is_explain_function(spec):
         if kwargs:
             raise TypeError(f"keyword arguments {sorted(kwargs)} apply to method names, not to the function {spec!r}")

@@ -328,6 +328,6 @@ class NeighborGallery(LensCallback):
         """The kNN head's headline numbers at the last evaluated epoch (logged at the end of fit)."""
         from lightning_lens.report.summaries import knn_summary
 
-        if not getattr(self, "last_metrics", None):
+        if not self.last_metrics:
             return None
         return knn_summary(self.last_metrics, self.run_epochs[-1] if self.run_epochs else None, title=self.name)

@@ -294,6 +294,7 @@ class SaliencyMapCallback(ProbeCallback):
         self.method_epochs: dict[str, list[int]] = {}  # method -> epochs of fit whose maps it logged (summary)
         self._last_attributions: dict[str, torch.Tensor] = {}
         self._last_targets: Optional[torch.Tensor] = None
+        self.last_scalars: dict[str, float] = {}  # the last logged epoch's scalars (summary)
 
     # ------------------------------------------------------------------------------------------------------ properties
     @property
@@ -937,7 +938,7 @@ class SaliencyMapCallback(ProbeCallback):
 
         if not self.run_epochs:
             return None
-        return saliency_summary(self.run_epochs, self.method_names, getattr(self, "last_scalars", {}),
+        return saliency_summary(self.run_epochs, self.method_names, self.last_scalars,
                                 method_epochs=self.method_epochs)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -619,7 +620,7 @@ class TracInCallback(ProbeCallback):
         }
         self.last_metrics = {f"{self.log_prefix}/{k}": v for k, v in metrics.items()}
         log.log(  # the run at the end of fit is reported by the end-of-fit summary
-            10 if when == "end of fit" else 20,
+            logging.DEBUG if when == "end of fit" else logging.INFO,
             f"TracInCallback ({when}): {len(positions)} training examples scored over {len(snapshots)} snapshots;"
             f" most self-influential ids {report.ranked_ids[:5]}"
         )
@@ -712,7 +713,7 @@ class TracInCallback(ProbeCallback):
         """The last scoring run: what was scored and the most self-influential training ids."""
         from lightning_lens.report.summaries import tracin_summary
 
-        report = getattr(self, "last_report", None)
+        report = self.last_report
         if report is None:
             return None
         top = report.ranked[: self.num_top]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_lens.datasets.spurious_digits import item_index
+from lightning_lens.datasets.spurious_digits import item_index, split_rows
 from lightning_lens.utils.checks import check_choice, check_int, check_positive_number
 
 __all__ = ["LeakyTabular"]
@@ -95,18 +95,6 @@ class LeakyTabular(Dataset):
         self.split_fractions = tuple(fractions)
         self._build()
 
-    def _split_rows(self, targets: np.ndarray) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, 0])
-        parts: dict[str, list[np.ndarray]] = {s: [] for s in _SPLITS}
-        for c in np.unique(targets):
-            members = rng.permutation(np.flatnonzero(targets == c))
-            n_train = int(round(self.split_fractions[0] * len(members)))
-            n_val = int(round(self.split_fractions[1] * len(members)))
-            parts["train"].append(members[:n_train])
-            parts["val"].append(members[n_train : n_train + n_val])
-            parts["test"].append(members[n_train + n_val :])
-        return {s: rng.permutation(np.concatenate(parts[s])) for s in _SPLITS}
-
     def _leak(self, split: str, labels: np.ndarray) -> np.ndarray:
         rng = np.random.default_rng([self.seed, 1 + _SPLITS.index(split)])
         leak = labels + rng.normal(0.0, self.leak_noise, size=len(labels))
@@ -116,7 +104,7 @@ class LeakyTabular(Dataset):
 
     def _build(self) -> None:
         raw, targets, names = _table(self.table)
-        rows = self._split_rows(targets)
+        rows = split_rows(targets, self.split_fractions, self.seed)
         train = np.column_stack([raw[rows["train"]], self._leak("train", targets[rows["train"]])])
         mean, std = train.mean(axis=0), train.std(axis=0)
         source = rows[self.split]

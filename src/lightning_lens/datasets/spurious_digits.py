@@ -32,6 +32,29 @@ _METADATA_KEYS = (
 )
 
 
+def split_rows(targets: np.ndarray, fractions: Sequence[float], seed: int) -> dict[str, np.ndarray]:
+    """Class-stratified train/val/test row indices of ``targets``, deterministic in ``seed``.
+
+    Each class is shuffled and cut at ``round(fraction * class size)``; each split is then shuffled as a whole.
+
+    Example:
+        >>> rows = split_rows(np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1]), (0.6, 0.2, 0.2), seed=0)
+        >>> [len(rows[s]) for s in ("train", "val", "test")]
+        [6, 2, 2]
+    """
+    rng = np.random.default_rng([seed, 0])
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in _SPLITS}
+    for c in np.unique(targets):
+        members = rng.permutation(np.flatnonzero(targets == c))
+        n_train = int(round(fractions[0] * len(members)))
+        n_val = int(round(fractions[1] * len(members)))
+        parts["train"].append(members[:n_train])
+        parts["val"].append(members[n_train : n_train + n_val])
+        parts["test"].append(members[n_train + n_val :])
+    # Shuffle the classes together so consecutive items (and sequential batches) mix classes.
+    return {s: rng.permutation(np.concatenate(parts[s])) for s in _SPLITS}
+
+
 def item_index(index: int, length: int) -> int:
     """``index`` as a position ``0..length-1`` of a split (negative indices count from the end), or an IndexError.
 
@@ -197,23 +220,9 @@ class SpuriousDigits(Dataset):
         self._build()
 
     # ------------------------------------------------------------------ construction
-    def _split_indices(self, targets: np.ndarray) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, 0])
-        parts: dict[str, list[np.ndarray]] = {s: [] for s in _SPLITS}
-        for c in range(self.num_classes):
-            members = rng.permutation(np.flatnonzero(targets == c))
-            n_train = int(round(self.split_fractions[0] * len(members)))
-            n_val = int(round(self.split_fractions[1] * len(members)))
-            parts["train"].append(members[:n_train])
-            parts["val"].append(members[n_train : n_train + n_val])
-            parts["test"].append(members[n_train + n_val :])
-        # Shuffle the classes together so consecutive items (and sequential batches) mix classes.
-        order = {s: rng.permutation(np.concatenate(parts[s])) for s in _SPLITS}
-        return order[self.split]
-
     def _build(self) -> None:
         images8, targets, thickness_all = _digits()
-        source = self._split_indices(targets)
+        source = split_rows(targets, self.split_fractions, self.seed)[self.split]
         n = len(source)
         digit = targets[source]
         thickness = thickness_all[source]

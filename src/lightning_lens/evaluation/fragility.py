@@ -162,13 +162,21 @@ def _aggregate(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1)
 
 
+def _differentiable_maps(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, maps)``: the ``"gradient"`` or ``"gradient_x_input"`` maps of the target scores with the graph kept,
+    so the maps can be differentiated again (w.r.t. the input or the model's weights)."""
+    leaf = x if x.requires_grad else x.detach().requires_grad_(True)
+    logits = forward_logits(model, leaf)
+    score = logits.gather(1, target.view(-1, 1)).sum()
+    grad = torch.autograd.grad(score, leaf, create_graph=True)[0]
+    return logits, grad * leaf if name == "gradient_x_input" else grad
+
+
 def _built_in(name: str) -> ExplainFn:
     def explain(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        leaf = x if x.requires_grad else x.detach().requires_grad_(True)
-        logits = forward_logits(model, leaf)
-        score = logits.gather(1, target.view(-1, 1)).sum()
-        grad = torch.autograd.grad(score, leaf, create_graph=True)[0]
-        return grad * leaf if name == "gradient_x_input" else grad
+        return _differentiable_maps(model, x, target, name)[1]
 
     explain.__name__ = name
     return explain
@@ -269,8 +277,9 @@ def explanation_fragility(
             preserve_modes(surrogate, mode=False):
         x0 = x0.clone()
         with torch.no_grad():
-            label = forward_logits(real, x0).argmax(dim=1)
-        targets = resolve_target(target, forward_logits(real, x0).detach())
+            logits = forward_logits(real, x0)
+        label = logits.argmax(dim=1)
+        targets = resolve_target(target, logits)
 
         def real_scores(x: torch.Tensor) -> torch.Tensor:
             return _aggregate(explain(real, x.detach().clone(), targets).detach())

@@ -72,10 +72,6 @@ def _resolve_method(method: Optional[MethodSpec], model: nn.Module) -> Optional[
     return None if method is None else resolve_method(method, model)
 
 
-def _explain(method: Attribution, inputs: torch.Tensor, targets: Target) -> torch.Tensor:
-    return method.attribute(inputs, target=targets)
-
-
 def compute_quality(
     model: nn.Module,
     method: Optional[MethodSpec],
@@ -162,7 +158,7 @@ def compute_quality(
     if attributions is None:
         if explainer is None:
             raise ValueError("pass attributions, or a method to compute them")
-        attributions = _explain(explainer, x, targets)
+        attributions = explainer.attribute(x, target=targets)
     check_tensor(attributions, "attributions")
     attributions = attributions.detach().to(device)
 

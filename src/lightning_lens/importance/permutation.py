@@ -221,16 +221,19 @@ def permutation_importance(
     with gradients_enabled(), preserve_modes(model, mode=False), torch.no_grad():
         x = inputs.detach().clone()  # a normal tensor even under inference mode
         y = targets.detach().clone()
-        name, score = _metric(metric, _outputs(model, x[:1], 1, output_fn), y)
-        baseline = float(score(_outputs(model, x, rows, output_fn), y))
+        outputs = _outputs(model, x, rows, output_fn)
+        name, score = _metric(metric, outputs, y)
+        baseline = float(score(outputs, y))
         flat = x.reshape(n, -1)
+        shuffled = flat.clone()  # one copy: each group's columns are shuffled in place, then put back
         for g in range(n_groups):
             columns = (index.reshape(-1) == g).nonzero().squeeze(1)
+            original = flat[:, columns]
             for r in range(n_repeats):
                 perm = torch.randperm(n, generator=gen).to(x.device)
-                shuffled = flat.clone()
-                shuffled[:, columns] = flat[:, columns][perm]
+                shuffled[:, columns] = original[perm]
                 scores[g, r] = float(score(_outputs(model, shuffled.view_as(x), rows, output_fn), y))
+            shuffled[:, columns] = original
     importances = baseline - scores
     return PermutationImportance(
         importances_mean=importances.mean(axis=1),

@@ -108,6 +108,16 @@ class _Routing(NamedTuple):
     kept: Optional[torch.Tensor]  # (N, k) bool, None when no capacity limit applies
     probs_are_clean: bool  # no noise was added (probs == softmax(logits))
 
+    def assignments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept (token, expert) assignments, flat: ``(expert_of, gate_of, token_of)``."""
+        expert_of, gate_of = self.experts.reshape(-1), self.gates.reshape(-1)
+        n, k = self.experts.shape
+        token_of = torch.arange(n, device=self.experts.device).repeat_interleave(k)
+        if self.kept is not None:
+            keep = self.kept.reshape(-1)
+            expert_of, gate_of, token_of = expert_of[keep], gate_of[keep], token_of[keep]
+        return expert_of, gate_of, token_of
+
 
 def _index_add_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
     """``out.index_add_(0, index, rows)``; on the CPU through ``index_put_(accumulate=True)``, the same sum, because
@@ -523,12 +533,7 @@ class MixtureOfExperts(nn.Module):
 
     def _sorted(self, tokens: torch.Tensor, routing: _Routing) -> torch.Tensor:
         n = tokens.shape[0]
-        expert_of = routing.experts.reshape(-1)
-        gate_of = routing.gates.reshape(-1)
-        token_of = torch.arange(n, device=tokens.device).repeat_interleave(routing.experts.shape[1])
-        if routing.kept is not None:
-            keep = routing.kept.reshape(-1)
-            expert_of, gate_of, token_of = expert_of[keep], gate_of[keep], token_of[keep]
+        expert_of, gate_of, token_of = routing.assignments()
         order = expert_of.sort(stable=True).indices
         token_sorted, gate_sorted = token_of[order], gate_of[order]
         counts = torch.bincount(expert_of, minlength=self.num_experts).tolist()  # one host sync per call
@@ -555,12 +560,7 @@ class MixtureOfExperts(nn.Module):
         # zeros whose outputs are never read, so they add nothing to any gradient. Cost: E * C rows instead of N * k
         # (equal when the load is balanced, up to the dense cost when it has collapsed).
         n, e_count = tokens.shape[0], self.num_experts
-        expert_of = routing.experts.reshape(-1)
-        gate_of = routing.gates.reshape(-1)
-        token_of = torch.arange(n, device=tokens.device).repeat_interleave(routing.experts.shape[1])
-        if routing.kept is not None:
-            keep = routing.kept.reshape(-1)
-            expert_of, gate_of, token_of = expert_of[keep], gate_of[keep], token_of[keep]
+        expert_of, gate_of, token_of = routing.assignments()
         if expert_of.numel() == 0:
             return tokens.new_zeros(n, self.out_features)  # every assignment dropped
         expert_sorted, order = expert_of.sort(stable=True)

@@ -26,6 +26,7 @@ from torch import nn
 
 from lightning_lens.attribution.base import forward_logits
 from lightning_lens.attribution.registry import canonical_name, resolve_method
+from lightning_lens.evaluation.fragility import _differentiable_maps
 from lightning_lens.utils import preserve_modes
 from lightning_lens.utils.checks import check_float, check_int, check_tensor
 
@@ -51,17 +52,6 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return forward_logits(model, x).argmax(1)
 
 
-def _surrogate_explanation(
-    surrogate: nn.Module, x: torch.Tensor, labels: torch.Tensor, method: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, explanation) of the surrogate, the explanation differentiable w.r.t. the surrogate's weights."""
-    leaf = x.detach().clone().requires_grad_(True)
-    logits = surrogate(leaf)
-    score = logits.gather(1, labels.view(-1, 1)).sum()
-    grads = torch.autograd.grad(score, leaf, create_graph=True)[0]
-    return logits, grads * leaf if method == "gradient_x_input" else grads
-
-
 def _train(
     surrogate: nn.Module,
     x: torch.Tensor,
@@ -80,7 +70,7 @@ def _train(
         if explanations is None:
             loss = F.cross_entropy(surrogate(x), labels)
         else:
-            logits, grads = _surrogate_explanation(surrogate, x, labels, method)
+            logits, grads = _differentiable_maps(surrogate, x, labels, method)
             loss = F.cross_entropy(logits, labels) + weight * (grads - explanations).pow(2).mean()
         loss.backward()  # the surrogate is ours to train; the target never takes part in this graph
         optimizer.step()

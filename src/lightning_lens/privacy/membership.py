@@ -64,6 +64,7 @@ from torch import nn
 
 from lightning_lens.attribution.base import FunctionAttribution, OutputFn, forward_logits
 from lightning_lens.attribution.registry import MethodSpec, _is_name_kwargs, resolve_method
+from lightning_lens.sanity.similarity import _average_ranks
 from lightning_lens.utils import preserve_modes
 from lightning_lens.utils.checks import (
     check_choice,
@@ -96,18 +97,6 @@ _EXPLANATION_STATISTICS = ("gradient_norm", "gradient_variance")
 SCORES: tuple[str, ...] = ("probability", "log_probability", "logit")
 
 
-def _average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of a 1-D tensor, ties sharing their average rank (float64)."""
-    order = torch.argsort(values, stable=True)
-    sorted_values = values[order]
-    _, counts = torch.unique_consecutive(sorted_values, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()  # 1-based rank of each group's last member
-    group_rank = ends - (counts.double() - 1) / 2
-    ranks = torch.empty(len(values), dtype=torch.float64, device=values.device)
-    ranks[order] = torch.repeat_interleave(group_rank, counts)
-    return ranks
-
-
 def _check_scores(scores: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(scores, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(
@@ -136,7 +125,7 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return math.nan
-    ranks = _average_ranks(s)
+    ranks = _average_ranks(s.unsqueeze(0))[0]
     u = float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
 

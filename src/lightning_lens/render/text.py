@@ -72,7 +72,12 @@ def token_colors(scores: ScoresLike, vmax: Optional[float] = None, cmap: Optiona
     check_optional(check_positive_number, vmax, "vmax")
     s = _rows_of_scores([np.asarray(scores, dtype=np.float64).reshape(-1)], [[""] * int(np.size(scores))])[0]
     scale = float(vmax) if vmax is not None else float(np.abs(s).max(initial=0.0))
-    normalized = s / scale if scale > 0 else np.zeros_like(s)
+    return _scaled_colors(s, scale, cmap)
+
+
+def _scaled_colors(scores: np.ndarray, scale: float, cmap: Optional[str]) -> np.ndarray:
+    """uint8 (N, 3) diverging colours of ``scores / scale`` (all the centre colour when ``scale`` is 0)."""
+    normalized = scores / scale if scale > 0 else np.zeros_like(scores)
     return colorize(normalized, True, cmap or DIVERGING_CMAP).reshape(-1, 3)
 
 
@@ -165,8 +170,7 @@ def text_heatmap(
             for part in str(labels[r]).split("\n"):
                 placed.append((line, x, part, None))
                 line += 1
-        normalized = s / scales[r] if scales[r] > 0 else np.zeros_like(s)
-        colors = colorize(normalized, True, cmap or DIVERGING_CMAP).reshape(-1, 3)
+        colors = _scaled_colors(s, scales[r], cmap)
         for j, token in enumerate(toks):
             if not v[j]:
                 continue
@@ -219,8 +223,7 @@ def text_html(
     scales = _scales(rows, visible, vmax)
     parts = ['<div class="lens-text">']
     for r, (toks, s, v) in enumerate(zip(tokens, rows, visible)):
-        normalized = s / scales[r] if scales[r] > 0 else np.zeros_like(s)
-        colors = colorize(normalized, True, cmap or DIVERGING_CMAP).reshape(-1, 3)
+        colors = _scaled_colors(s, scales[r], cmap)
         spans = []
         for j, token in enumerate(toks):
             if not v[j]:

@@ -212,9 +212,11 @@ class Reference:
 
     @classmethod
     def compute(cls, method: BoundMethod, inputs: torch.Tensor, target: Optional[torch.Tensor],
-                similarity: MapSimilarity, keep_signed: bool = True) -> "Reference":
-        """``keep_signed=False``: skip the normalized signed maps unless a metric needs them (nobody reads them)."""
-        maps = method.explain(inputs, target)
+                similarity: MapSimilarity, keep_signed: bool = True,
+                maps: Optional[torch.Tensor] = None) -> "Reference":
+        """``keep_signed=False``: skip the normalized signed maps unless a metric needs them (nobody reads them).
+        ``maps``: the method's maps of ``inputs`` when the caller already has them (saves one explanation)."""
+        maps = method.explain(inputs, target) if maps is None else maps
         metrics = similarity.applicable(maps.shape)
         prepared = similarity.prepare(maps, metrics, signed=keep_signed)
         if inputs.shape[0] > 1:

@@ -209,7 +209,7 @@ def shifted_twin(model: nn.Module, inputs: torch.Tensor, shift: Shift) -> tuple[
             if x.dim() != spatial + 2:
                 raise ValueError(f"model: the first layer {name!r} is a {type(layer).__name__} but the inputs have"
                                  f" shape {tuple(x.shape)}")
-            channel_shift = torch.broadcast_to(s, x.shape[1:]).reshape(x.shape[1], -1)[:, 0]
+            channel_shift = full.reshape(x.shape[1], -1)[:, 0]
             extent = [d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel_size)]
             patch = channel_shift.reshape(1, -1, *([1] * spatial)).expand(1, -1, *extent)
             conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
@@ -223,7 +223,7 @@ def shifted_twin(model: nn.Module, inputs: torch.Tensor, shift: Shift) -> tuple[
             layer.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=False)
         layer.bias.sub_(delta)
     if isinstance(layer, _CONVS) and layer.padding_mode == "zeros" and any(layer._reversed_padding_repeated_twice):
-        wrapped = _ShiftPaddedConv(layer, torch.broadcast_to(s, x.shape[1:]).reshape(x.shape[1], -1)[:, 0].clone())
+        wrapped = _ShiftPaddedConv(layer, channel_shift.clone())
         if name == "":
             twin = wrapped
         else:
@@ -338,7 +338,8 @@ def input_invariance(
     shifted_used: list[str] = []
     for label, spec in specs:
         method = bind(label, spec, model, clone, memo)
-        ref = Reference.compute(method, x, targets, similarity)
+        original = method.explain(x, targets)
+        ref = Reference.compute(method, x, targets, similarity, maps=original)
         twin_method = _bind_twin(label, spec, model, twin, twin_memo)
         if label in shifted_labels:
             if hasattr(twin_method.method, "baseline"):
@@ -346,7 +347,6 @@ def input_invariance(
                 shifted_used.append(label)
             elif not isinstance(shift_baselines, bool):
                 _shifted_baseline_method(twin_method.method, label, s)  # raises: names the method
-        original = ref.method.explain(x, targets)
         shifted = twin_method.explain(x_shifted, targets)
         scores, _ = ref.compare(shifted, similarity)
         sims[label] = {k: v.float().cpu() for k, v in scores.items()}

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from lightning_lens.utils.batch import BatchAccessor, Inputs, input_batch_size, map_inputs
