@@ -121,7 +121,7 @@ def test_the_page_explains_every_verdict_with_its_numbers(tensorboard_page):
     assert "edge (control)" in text and "random (control)" in text
     meaning = {"passes": "the maps changed when", "fails": "barely changed", "inconclusive": "cannot tell"}
     assert meaning[report.verdicts["gradient"].outcome] in text  # the verdict in words
-    assert "control (the Sobel edge map ignores the weights" in text  # the control's expected verdict, and why
+    assert "control (an edge map ignores the model" in text  # the control's expected verdict, and why
 
 
 def test_the_page_holds_maps_over_epochs_slices_and_curves(tensorboard_page):
@@ -201,3 +201,16 @@ def test_chromium_renders_the_page_with_every_image_loaded(tensorboard_page, tmp
     total, loaded = int(match.group(1)), int(match.group(2))
     assert total == page.count("<img ") and total >= 5
     assert loaded == total
+
+
+def test_one_number_format_and_one_table_of_control_expectations():
+    from lightning_lens import loggers, render
+    from lightning_lens.report import CONTROL_EXPECTED
+    from lightning_lens.report.summaries import text_table
+
+    assert format_number is loggers.format_number  # the logged tables, the console and the report agree
+    assert CONTROL_EXPECTED is render.CONTROL_EXPECTATIONS  # the figures and the report explain controls alike
+    assert [format_number(v) for v in (0.0009554, 1234.5, float("inf"), None, "edge", 3)] == \
+        ["<1e-3", "1234", "inf", "nan", "edge", "3"]
+    assert text_table(["method", "score"], [["edge", 0.0001], ["gradient", 2.5e7]]).splitlines()[1:] == \
+        ["  edge      <1e-3", "  gradient  2.5e+07"]

@@ -102,9 +102,62 @@ def test_configuration_errors_are_raised_at_setup(tmp_path, tables):
         _trainer(tmp_path, [PermutationImportanceMonitor(feature_names=["a", "b"])], False).fit(
             _module(31), DataLoader(train, batch_size=32), DataLoader(val, batch_size=32))
     text = SpuriousText("val", size=16)
-    with pytest.raises(TypeError, match="one floating-point .batch, features. tensor"):
+    with pytest.raises(TypeError, match=r"no floating-point tensor to permute.*features=\['input_ids'\]"):
         _trainer(tmp_path, [PermutationImportanceMonitor()], False).validate(
             LitClassifier(TinyTextTransformer(len(text.vocabulary), 2), num_classes=2), DataLoader(text, batch_size=8))
+
+
+def test_token_ids_of_a_text_batch_are_shuffled_per_position_when_selected(tmp_path):
+    seed_everything(0)
+    text = SpuriousText("val", size=24, seed=0)
+    lit = LitClassifier(TinyTextTransformer(len(text.vocabulary), 2, dim=16), num_classes=2)
+    cb = PermutationImportanceMonitor(features=["input_ids"], n_repeats=2, top_k=3, max_overhead=None, strict=True)
+    csv = CSVLogger(str(tmp_path), name="csv")
+    _trainer(tmp_path, [cb], csv, inference_mode=True).validate(lit, DataLoader(text, batch_size=8))
+    inputs = {"input_ids": text.input_ids, "attention_mask": text.attention_mask}
+    expected = permutation_importance(lit, inputs, text.labels, n_repeats=2, seed=0, features=["input_ids"])
+    assert cb.last_rows == len(text)
+    assert cb.last_result.feature_names == tuple(f"input_ids/{t}" for t in range(text.input_ids.shape[1]))
+    (file,) = glob.glob(os.path.join(csv.log_dir, "lens", "importance", "permutation", "*.json"))
+    logged = json.loads(Path(file).read_text())
+    np.testing.assert_allclose([f["importances"] for f in logged["features"]], expected.importances)
+    assert [f["name"] for f in logged["features"]] == list(expected.feature_names)
+
+
+class TwoTables(torch.utils.data.Dataset):
+    """Dict samples with two float inputs ``a`` (3 columns) and ``b`` (2 columns); the label is ``a[0] > b[1]``."""
+
+    def __init__(self, n: int = 40) -> None:
+        gen = torch.Generator().manual_seed(1)
+        self.a, self.b = torch.randn(n, 3, generator=gen), torch.randn(n, 2, generator=gen)
+        self.y = (self.a[:, 0] > self.b[:, 1]).long()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"a": self.a[i], "b": self.b[i], "label": self.y[i], "index": i}
+
+
+class TwoTableNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+
+    def forward(self, a, b):
+        return self.a(a) + self.b(b)
+
+
+def test_several_inputs_of_a_dict_batch_are_passed_through(tmp_path):
+    seed_everything(0)
+    data = TwoTables()
+    lit = LitClassifier(TwoTableNet(), num_classes=2, input_key=lambda batch: {"a": batch["a"], "b": batch["b"]})
+    cb = PermutationImportanceMonitor(input_key=("a", "b"), n_repeats=2, max_overhead=None, strict=True)
+    _trainer(tmp_path, [cb], False, max_epochs=1).fit(lit, DataLoader(data, batch_size=8),
+                                                      DataLoader(data, batch_size=16))
+    expected = permutation_importance(lit, {"a": data.a, "b": data.b}, data.y, n_repeats=2, seed=0)
+    assert cb.last_result.feature_names == ("a/0", "a/1", "a/2", "b/0", "b/1")
+    np.testing.assert_allclose(cb.last_result.importances, expected.importances)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -113,6 +166,8 @@ def test_configuration_errors_are_raised_at_setup(tmp_path, tables):
     ({"n_repeats": 0}, ValueError, "n_repeats must be >= 1"),
     ({"feature_names": "leak"}, TypeError, "feature_names must be a list of strings"),
     ({"feature_mask": torch.zeros(3)}, TypeError, "feature_mask must hold integer group ids"),
+    ({"feature_mask": {"a": torch.zeros(3)}}, TypeError, "feature_mask must hold integer group ids"),
+    ({"features": "input_ids"}, TypeError, "features must be a list"),
     ({"log_prefix": "///"}, ValueError, "log_prefix"),
 ])
 def test_bad_arguments(kwargs, error, match):

@@ -168,3 +168,33 @@ def test_docstring_examples_run(module):
     mod = importlib.import_module(f"lightning_lens.evaluation.{module}")
     result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_output_fn_reaches_every_model_call_and_defaults_to_the_methods():
+    from lightning_lens.attribution import Gradient
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+
+    class InADict(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return {"scores": net(x)}
+
+    wrapped, pick = InADict(), (lambda out: out["scores"])
+    x = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    metrics = ["deletion_auc", "insertion_auc_random", "max_sensitivity"]
+    options = {"deletion": {"n_steps": 4}, "insertion": {"n_steps": 4, "substrate": "zeros"},
+               "max_sensitivity": {"n_samples": 2}}
+    # targets=None: the predictions are scored through output_fn too
+    expected = compute_quality(net, Gradient(net), x, None, None, None, metrics, options=options)
+    explicit = compute_quality(wrapped, Gradient(wrapped, output_fn=pick), x, None, None, None, metrics,
+                               options=options, output_fn=pick)
+    from_method = compute_quality(wrapped, Gradient(wrapped, output_fn=pick), x, None, None, None, metrics,
+                                  options=options)
+    assert explicit == pytest.approx(expected) and from_method == pytest.approx(expected)
+    with pytest.raises(TypeError, match="output_fn"):
+        compute_quality(wrapped, None, x, torch.rand(4, 1, 4, 4), None, None, ["deletion_auc"])

@@ -229,3 +229,159 @@ def test_model_outputs_tuple_mapping_and_output_fn_give_the_same_result(trained)
     np.testing.assert_allclose(via_fn.importances, plain.importances)
     with pytest.raises(TypeError, match="output_fn"):
         permutation_importance(AsDict(), x, y)
+
+
+# ------------------------------------------------------------------------------------ structured inputs (issue 12)
+class TwoInputs(nn.Module):
+    """``w . a + v . b`` on two float inputs, with an optional per-example ``scale`` keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 1, bias=False)
+        self.b = nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.tensor([[1.0, -2.0, 0.5]]))
+            self.b.weight.copy_(torch.tensor([[3.0, 0.0]]))
+
+    def forward(self, a, b, scale=None):
+        out = self.a(a) + self.b(b)
+        return {"logits": out if scale is None else out * scale[:, None]}
+
+
+def _two_input_data(n: int = 10):
+    gen = torch.Generator().manual_seed(4)
+    return torch.randn(n, 3, generator=gen), torch.randn(n, 2, generator=gen), torch.randn(n, generator=gen)
+
+
+@pytest.mark.parametrize("wrap", ["tuple", "dict"])
+def test_one_tensor_in_a_structure_gives_the_single_tensor_result(trained, wrap):
+    model, x, y = trained
+    plain = permutation_importance(model, x, y, n_repeats=3, seed=2)
+    structured = permutation_importance(model, (x,) if wrap == "tuple" else {"input": x}, y, n_repeats=3, seed=2)
+    np.testing.assert_array_equal(structured.importances, plain.importances)
+    assert structured.baseline_score == plain.baseline_score
+    assert structured.feature_names == tuple(f"{0 if wrap == 'tuple' else 'input'}/{j}" for j in range(6))
+    assert plain.feature_names == tuple(f"x{j}" for j in range(6))
+
+
+def _expected_by_hand(model, a, b, y, seed, n_repeats, features, scale=None):
+    """The documented draws: the f-th feature's r-th repeat uses the (f * n_repeats + r)-th randperm."""
+    draws = torch.Generator().manual_seed(seed)
+
+    def score(a_, b_):
+        return -float((model(a_, b_, scale)["logits"].squeeze(1).double() - y.double()).square().mean())
+
+    with torch.no_grad():
+        base = score(a, b)
+        expected = np.zeros((len(features), n_repeats))
+        for f, (which, column) in enumerate(features):
+            for r in range(n_repeats):
+                perm = torch.randperm(a.shape[0], generator=draws)
+                a_, b_ = a.clone(), b.clone()
+                target = a_ if which == "a" else b_
+                source = a if which == "a" else b
+                target[:, column] = source[perm, column]
+                expected[f, r] = base - score(a_, b_)
+    return base, expected
+
+
+def test_two_inputs_exact_values_for_the_documented_permutations():
+    model = TwoInputs()
+    a, b, y = _two_input_data()
+    features = [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
+    base, expected = _expected_by_hand(model, a, b, y, seed=3, n_repeats=2, features=features)
+    as_dict = permutation_importance(model, {"a": a, "b": b}, y, n_repeats=2, seed=3, metric="neg_mse")
+    np.testing.assert_allclose(as_dict.importances, expected, rtol=1e-6, atol=1e-7)
+    assert as_dict.baseline_score == pytest.approx(base, rel=1e-6)
+    assert as_dict.feature_names == ("a/0", "a/1", "a/2", "b/0", "b/1")
+    assert np.all(as_dict.importances[4] == 0)  # b's second column has weight 0
+    as_tuple = permutation_importance(model, (a, b), y, n_repeats=2, seed=3, metric="neg_mse", batch_size=3)
+    np.testing.assert_allclose(as_tuple.importances, expected, rtol=1e-6, atol=1e-7)
+    assert as_tuple.feature_names == ("0/0", "0/1", "0/2", "1/0", "1/1")
+    # a selection: the draws follow the selected features' order
+    _, chosen = _expected_by_hand(model, a, b, y, seed=3, n_repeats=2, features=[("a", 1), ("b", 0), ("b", 1)])
+    some = permutation_importance(model, {"a": a, "b": b}, y, n_repeats=2, seed=3, metric="neg_mse",
+                                  features=[("a", 1), "b"], feature_names=["a1", "b0", "b1"])
+    np.testing.assert_allclose(some.importances, chosen, rtol=1e-6, atol=1e-7)
+    assert some.feature_names == ("a1", "b0", "b1")
+
+
+def test_per_example_forward_kwargs_follow_their_rows_and_are_never_permuted():
+    model = TwoInputs()
+    a, b, y = _two_input_data()
+    scale = torch.linspace(0.5, 2.0, a.shape[0])
+    features = [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
+    _, expected = _expected_by_hand(model, a, b, y, seed=1, n_repeats=2, features=features, scale=scale)
+    for rows in (None, 4):
+        result = permutation_importance(model, {"a": a, "b": b}, y, n_repeats=2, seed=1, metric="neg_mse",
+                                        forward_kwargs={"scale": scale}, batch_size=rows)
+        np.testing.assert_allclose(result.importances, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_token_ids_are_permuted_per_position_only_when_asked():
+    class BagOfTokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(5, 2)
+
+        def forward(self, input_ids, attention_mask):
+            return self.embedding(input_ids).mul(attention_mask[..., None]).sum(1)
+
+    model = BagOfTokens()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 5, (16, 3), generator=gen)
+    mask = torch.ones(16, 3, dtype=torch.long)
+    mask[:, 2] = 0  # the last position is padding: permuting it changes nothing
+    y = model(ids, mask).argmax(1).detach()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    with pytest.raises(TypeError, match=r"no floating-point tensor.*features=\['input_ids'\]"):
+        permutation_importance(model, inputs, y)
+    result = permutation_importance(model, inputs, y, n_repeats=2, seed=5, features=["input_ids"])
+    assert result.feature_names == ("input_ids/0", "input_ids/1", "input_ids/2")
+    draws = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for position in range(3):
+            for r in range(2):
+                shuffled = ids.clone()
+                shuffled[:, position] = ids[torch.randperm(16, generator=draws), position]
+                drop = 1.0 - float((model(shuffled, mask).argmax(1) == y).double().mean())
+                assert result.importances[position, r] == pytest.approx(drop, abs=1e-12)
+    assert np.all(result.importances[2] == 0) and result.importances[:2].max() > 0
+    # the whole sequence as one feature: a feature_mask for that input
+    whole = permutation_importance(model, inputs, y, n_repeats=2, seed=5, features=["input_ids"],
+                                   feature_mask={"input_ids": torch.zeros(3, dtype=torch.long)})
+    assert whole.feature_names == ("input_ids/0",) and whole.importances_mean[0] > 0
+
+
+def test_structured_errors_name_the_argument():
+    model = TwoInputs()
+    a, b, y = _two_input_data()
+    inputs = {"a": a, "b": b}
+    with pytest.raises(ValueError, match="features names 'c', but the inputs are \\['a', 'b'\\]"):
+        permutation_importance(model, inputs, y, features=["c"])
+    with pytest.raises(ValueError, match="input 'b' has 2 features"):
+        permutation_importance(model, inputs, y, features=[("b", 2)])
+    with pytest.raises(ValueError, match="selects 'a' twice"):
+        permutation_importance(model, inputs, y, features=[("a", 0), "a"])
+    with pytest.raises(TypeError, match="features must be a list"):
+        permutation_importance(model, inputs, y, features="a")
+    with pytest.raises(ValueError, match="feature_names holds 2 names for 5 features"):
+        permutation_importance(model, inputs, y, feature_names=["x", "y"])
+    with pytest.raises(TypeError, match=r"feature_mask\['a'\] must be an integer tensor"):
+        permutation_importance(model, inputs, y, feature_mask={"a": torch.zeros(3)})
+    with pytest.raises(ValueError, match="targets must hold one entry per example"):
+        permutation_importance(model, inputs, y[:4])
+
+
+def test_a_model_output_mapping_through_output_fn_with_structured_inputs():
+    model = TwoInputs()
+    a, b, y = _two_input_data()
+
+    class Wrapped(nn.Module):
+        def forward(self, a, b):
+            return {"scores": model(a, b)["logits"]}
+
+    plain = permutation_importance(model, (a, b), y, n_repeats=2, metric="neg_mse")
+    via_fn = permutation_importance(Wrapped(), (a, b), y, n_repeats=2, metric="neg_mse",
+                                    output_fn=lambda out: out["scores"])
+    np.testing.assert_array_equal(via_fn.importances, plain.importances)

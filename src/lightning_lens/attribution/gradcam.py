@@ -369,7 +369,10 @@ class GuidedGradCAM(Attribution):
     """Guided Grad-CAM: Guided Backprop times the upsampled Grad-CAM map, broadcast over channels.
 
     Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization", ICCV 2017.
-    Output has the input's shape. Arguments as :class:`GradCAM` (the map is always upsampled).
+    Output has the input's shape. Arguments as :class:`GradCAM` (the map is always upsampled); for a vision
+    transformer, ``token_grid`` / ``prefix_tokens`` place the layer's patch tokens on their grid, and the upsampled
+    token-grid CAM multiplies the guided backpropagation at the input pixels (a transformer with GELUs and no ReLU
+    gets the plain input gradient there, with a warning).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
@@ -385,12 +388,15 @@ class GuidedGradCAM(Attribution):
         model: nn.Module,
         layer: Layer = None,
         relu: bool = True,
+        token_grid: Optional[tuple[int, int]] = None,
+        prefix_tokens: Optional[int] = None,
         *,
         eval_mode: bool = True,
         output_fn: Optional[OutputFn] = None,
     ) -> None:
         super().__init__(model, eval_mode=eval_mode, output_fn=output_fn)
-        self.gradcam = GradCAM(model, layer=layer, upsample=True, relu=relu, eval_mode=eval_mode, output_fn=output_fn)
+        self.gradcam = GradCAM(model, layer=layer, upsample=True, relu=relu, token_grid=token_grid,
+                               prefix_tokens=prefix_tokens, eval_mode=eval_mode, output_fn=output_fn)
 
     def _attribute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
         cam, resolved = self.gradcam.cam(inputs, target, upsample=True)

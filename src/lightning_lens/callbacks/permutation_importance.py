@@ -32,7 +32,7 @@ from lightning_lens._pl import pl
 from lightning_lens.callbacks._base import LensCallback
 from lightning_lens.callbacks._gather import SampleIds, dedupe_by_id, gather_rows, validation_dataset_size
 from lightning_lens.utils import BatchAccessor
-from lightning_lens.utils.batch import Key
+from lightning_lens.utils.batch import Inputs, Key, input_batch_size, input_leaves, map_inputs
 from lightning_lens.utils.checks import check_callable, check_instance, check_int, check_optional, check_str_list
 
 __all__ = ["PermutationImportanceMonitor"]
@@ -66,13 +66,18 @@ class PermutationImportanceMonitor(LensCallback):
             ``(outputs, targets) -> float`` (higher is better); see :func:`~lightning_lens.importance.
             permutation_importance`.
         feature_names: one name per feature (column of ``(batch, features)`` inputs, or group of ``feature_mask``);
-            default ``x0, x1, ...``.
-        feature_mask: integer group ids broadcastable to one example: features shuffled together.
+            default ``x0, x1, ...`` for one tensor, ``<input>/<index>`` for several inputs.
+        feature_mask: integer group ids broadcastable to one example: features shuffled together; for several inputs
+            a dict / tuple of masks mirroring them.
+        features: which features to shuffle (input keys, or ``(key, index)`` pairs); default every feature of every
+            floating-point input. Token ids are shuffled (one position at a time) only when selected here, e.g.
+            ``features=["input_ids"]``.
         top_k: features in the chart, and the number newly tracked as scalar curves per run.
         max_rows: validation rows used (a fixed subset, see above).
         seed: seed of the row subset and of the shuffles.
         input_key, target_key, index_key: where the batch holds inputs, labels and dataset indices (see
-            :class:`~lightning_lens.utils.BatchAccessor`).
+            :class:`~lightning_lens.utils.BatchAccessor`; as in :class:`SaliencyMapCallback`, a tuple of keys selects
+            several inputs and a text batch gives a dict of ``input_ids`` and ``attention_mask``).
         log_prefix: first part of every tag.
         output_fn: maps the LightningModule's output to ``(batch, classes)`` (or ``(batch,)``) scores, e.g.
             ``lambda out: out["scores"]``; not needed for a tensor, a tuple (its first element) or a mapping /
@@ -83,9 +88,9 @@ class PermutationImportanceMonitor(LensCallback):
         max_failures: failures in a row after which a part is switched off.
 
     Raises:
-        TypeError, ValueError: for arguments of the wrong type or value; at setup, for inputs that are not one
-            floating-point tensor, missing labels, ``feature_names`` that do not match the features, or a model
-            output the metric cannot score.
+        TypeError, ValueError: for arguments of the wrong type or value; at setup, for inputs without a
+            floating-point tensor when ``features`` selects nothing else, missing labels, ``feature_names`` that do
+            not match the features, or a model output the metric cannot score.
 
     Example::
 
@@ -103,7 +108,8 @@ class PermutationImportanceMonitor(LensCallback):
         n_repeats: int = 5,
         metric: Union[str, Metric] = "accuracy",
         feature_names: Optional[Sequence[str]] = None,
-        feature_mask: Optional[torch.Tensor] = None,
+        feature_mask: Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]], Mapping[str, Optional[torch.Tensor]]
+                            ] = None,
         top_k: int = 10,
         max_rows: int = 512,
         seed: int = 0,
@@ -116,6 +122,7 @@ class PermutationImportanceMonitor(LensCallback):
         strict: bool = False,
         verbose: bool = True,
         max_failures: int = 3,
+        features: Optional[Sequence[Any]] = None,
     ) -> None:
         super().__init__(
             every_n_epochs=check_int(every_n_epochs, "every_n_epochs", minimum=1),
@@ -137,11 +144,19 @@ class PermutationImportanceMonitor(LensCallback):
             )
         self.metric = metric
         self.feature_names = check_optional(check_str_list, feature_names, "feature_names")
-        if feature_mask is not None:
-            check_instance(feature_mask, "feature_mask", torch.Tensor, hint="integer group ids, one per feature")
-            if feature_mask.is_floating_point():
-                raise TypeError(f"feature_mask must hold integer group ids, got dtype {feature_mask.dtype}")
+        masks = feature_mask.values() if isinstance(feature_mask, Mapping) else (
+            feature_mask if isinstance(feature_mask, (tuple, list)) else [feature_mask])
+        for mask in masks:
+            if mask is not None:
+                check_instance(mask, "feature_mask", torch.Tensor,
+                               hint="integer group ids, one per feature (a dict / tuple of them for several inputs)")
+                if mask.is_floating_point():
+                    raise TypeError(f"feature_mask must hold integer group ids, got dtype {mask.dtype}")
         self.feature_mask = feature_mask
+        if features is not None and (isinstance(features, (str, int)) or not isinstance(features, Sequence)):
+            raise TypeError(f"features must be a list of input keys or (input key, feature index) pairs, got"
+                            f" {type(features).__name__}")
+        self.features = None if features is None else list(features)
         self.top_k = check_int(top_k, "top_k", minimum=1)
         self.max_rows = check_int(max_rows, "max_rows", minimum=2)
         self.seed = check_int(seed, "seed")
@@ -154,11 +169,11 @@ class PermutationImportanceMonitor(LensCallback):
         self.accessor = BatchAccessor(input_key=input_key, target_key=target_key, index_key=index_key)
         self._ids = SampleIds()
         self._active = False
-        self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._rows: list[tuple[Inputs, torch.Tensor, torch.Tensor]] = []
         self._kept = 0
         self._dataset_size: Optional[int] = None
         self._rank_of: Optional[torch.Tensor] = None  # position of each dataset index in the seeded permutation
-        self._example_shape: Optional[tuple[int, ...]] = None
+        self._no_rows: Optional[Inputs] = None  # the inputs' structure with zero rows (a rank that keeps none)
         self._work_seconds = 0.0
         self.tracked: list[str] = []  # features logged as scalars (once in the top k, always)
         self.last_result: Any = None
@@ -175,28 +190,17 @@ class PermutationImportanceMonitor(LensCallback):
             x, y = self.accessor.inputs(batch), self.accessor.targets(batch)
         except KeyError as err:
             raise ValueError(f"PermutationImportanceMonitor: {err.args[0]}") from None
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-            what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(
-                f"PermutationImportanceMonitor shuffles the columns of one floating-point (batch, features) tensor;"
-                f" input_key selects {what}. Set input_key to the feature tensor (token ids and several inputs are"
-                " not supported)"
-            )
         if y is None:
             raise ValueError("PermutationImportanceMonitor found no labels in the validation batches; set target_key")
-        self._example_shape = tuple(x.shape[1:])
-        from lightning_lens.importance import permutation_importance
-
-        n = min(_DRY_RUN_ROWS, int(x.shape[0]))
+        self._no_rows = map_inputs(lambda t: t[:0].detach().cpu().clone(), x)
+        n = min(_DRY_RUN_ROWS, input_batch_size(x))
         try:
-            permutation_importance(pl_module, x[:n], y[:n].to(x.device), metric=self.metric, n_repeats=1,
-                                   feature_mask=self.feature_mask, feature_names=self.feature_names,
-                                   seed=self.seed, output_fn=self.output_fn)
+            self._compute(pl_module, map_inputs(lambda t: t[:n], x), torch.as_tensor(y)[:n], n_repeats=1)
         except Exception as err:
             kind = type(err) if isinstance(err, (TypeError, ValueError)) else ValueError
             raise kind(
                 f"PermutationImportanceMonitor failed on {n} validation rows at setup: {type(err).__name__}: {err};"
-                " check feature_names, feature_mask, metric, input_key and output_fn"
+                " check features, feature_names, feature_mask, metric, input_key and output_fn"
             ) from err
 
     # ----------------------------------------------------------------------------------------------------- hooks
@@ -218,9 +222,9 @@ class PermutationImportanceMonitor(LensCallback):
             return
         start = time.perf_counter()
         x, y = self.accessor.inputs(batch), self.accessor.targets(batch)
-        if not isinstance(x, torch.Tensor) or y is None:
+        if y is None:
             return
-        ids = self._ids.next(trainer, int(x.shape[0]), self.accessor.indices(batch), self._dataset_size)
+        ids = self._ids.next(trainer, input_batch_size(x), self.accessor.indices(batch), self._dataset_size)
         if self._rank_of is not None:
             keep = (ids >= 0) & (ids < len(self._rank_of))
             keep[keep.clone()] = self._rank_of[ids[keep]] < self.max_rows
@@ -229,7 +233,7 @@ class PermutationImportanceMonitor(LensCallback):
         if bool(keep.any()):
             with torch.inference_mode(False):
                 rows = keep.nonzero().squeeze(1)
-                self._rows.append((x.detach()[rows.to(x.device)].cpu().clone(),
+                self._rows.append((map_inputs(lambda t: t.detach()[rows.to(t.device)].cpu().clone(), x),
                                    torch.as_tensor(y).detach()[rows.to(torch.as_tensor(y).device)].cpu().clone(),
                                    ids[rows].clone()))
             self._kept += int(keep.sum())
@@ -243,17 +247,19 @@ class PermutationImportanceMonitor(LensCallback):
         x, y, ids = self._local_rows()
         device = pl_module.device if getattr(trainer, "world_size", 1) > 1 else torch.device("cpu")
         # collectives on every rank, outside any part (a part may fail on one rank only)
-        x, y, ids = (gather_rows(trainer, t.to(device)).cpu() for t in (x, y, ids))
+        x = map_inputs(lambda t: gather_rows(trainer, t.to(device)).cpu(), x)
+        y, ids = (gather_rows(trainer, t.to(device)).cpu() for t in (y, ids))
         self._rows = []
         if trainer.is_global_zero and ids.numel():
-            ids, x, y = dedupe_by_id(ids, x, y)
+            ids, y, kept = dedupe_by_id(ids, y, torch.arange(ids.shape[0]))
             order = torch.argsort(ids)
-            x, y = x[order], y[order]
+            y, kept = y[order], kept[order]
+            x = map_inputs(lambda t: t[kept], x)
             result = self.run_part(trainer, "importance", self._compute, pl_module, x, y,
-                                   hint="check metric, feature_names and feature_mask")
+                                   hint="check features, metric, feature_names and feature_mask")
             if result is not None:
-                self.last_result, self.last_rows = result, int(x.shape[0])
-                self.run_part(trainer, "log", self._log, trainer, result, int(x.shape[0]))
+                self.last_result, self.last_rows = result, int(y.shape[0])
+                self.run_part(trainer, "log", self._log, trainer, result, int(y.shape[0]))
         self.record_run_cost(self._work_seconds + time.perf_counter() - start)
 
     def state_dict(self) -> dict[str, Any]:
@@ -264,22 +270,23 @@ class PermutationImportanceMonitor(LensCallback):
         self.tracked = list(state_dict.get("tracked", self.tracked))
 
     # ------------------------------------------------------------------------------------------------------ work
-    def _local_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _local_rows(self) -> tuple[Inputs, torch.Tensor, torch.Tensor]:
         if self._rows:
-            return (torch.cat([r[0] for r in self._rows]), torch.cat([r[1] for r in self._rows]),
+            return (_cat_inputs([r[0] for r in self._rows]), torch.cat([r[1] for r in self._rows]),
                     torch.cat([r[2] for r in self._rows]))
-        shape = self._example_shape or (0,)
-        return torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        x = self._no_rows if self._no_rows is not None else torch.zeros((0, 0))
+        return x, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
 
-    def _compute(self, pl_module: "pl.LightningModule", x: torch.Tensor, y: torch.Tensor) -> Any:
+    def _compute(self, pl_module: "pl.LightningModule", x: Inputs, y: torch.Tensor,
+                 n_repeats: Optional[int] = None) -> Any:
+        from lightning_lens.callbacks.saliency_maps import _model_inputs  # the probes' device and dtype rule
         from lightning_lens.importance import permutation_importance
 
-        param = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None else torch.float32
-        return permutation_importance(pl_module, x.to(device, dtype), y.to(device), metric=self.metric,
-                                      n_repeats=self.n_repeats, feature_mask=self.feature_mask,
-                                      feature_names=self.feature_names, seed=self.seed, output_fn=self.output_fn)
+        inputs = _model_inputs(x, pl_module)
+        return permutation_importance(pl_module, inputs, y.to(input_leaves(inputs)[0].device), metric=self.metric,
+                                      n_repeats=n_repeats or self.n_repeats, feature_mask=self.feature_mask,
+                                      feature_names=self.feature_names, seed=self.seed, output_fn=self.output_fn,
+                                      features=self.features)
 
     def _log(self, trainer: "pl.Trainer", result: Any, n_rows: int) -> None:
         from lightning_lens import loggers, render
@@ -317,6 +324,16 @@ class PermutationImportanceMonitor(LensCallback):
         ranking = ", ".join(f"{name} {value:.3f}" for name, value in self.last_result.ranking()[: min(self.top_k, 5)])
         return (f"PermutationImportanceMonitor: top features by drop of {self.last_result.metric} on {self.last_rows}"
                 f" validation rows: {ranking}")
+
+
+def _cat_inputs(parts: Sequence[Inputs]) -> Inputs:
+    """The rows of several batches of model inputs (a tensor, a tuple or a dict of tensors), concatenated."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(parts))  # type: ignore[arg-type]
+    if isinstance(first, Mapping):
+        return {k: torch.cat([p[k] for p in parts]) for k in first}  # type: ignore[index]
+    return tuple(torch.cat([p[j] for p in parts]) for j in range(len(first)))  # type: ignore[index]
 
 
 def _permutation_ranks(size: int, seed: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_lens.attribution.base import forward_logits
+from lightning_lens.attribution.base import OutputFn, forward_logits
 from lightning_lens.utils import preserve_modes, resolve_target
 from lightning_lens.utils.checks import check_choice, check_tensor
 from lightning_lens.utils.targets import Target
@@ -111,11 +111,13 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def resolve_targets(model: nn.Module, inputs: torch.Tensor, target: Target, batch_size: int) -> torch.Tensor:
-    """Per-example class indices ``(B,)``; ``None`` means the model's prediction on ``inputs`` (run in eval mode)."""
+def resolve_targets(model: nn.Module, inputs: torch.Tensor, target: Target, batch_size: int,
+                    output_fn: Optional[OutputFn] = None) -> torch.Tensor:
+    """Per-example class indices ``(B,)``; ``None`` means the model's prediction on ``inputs`` (run in eval mode;
+    scores as :func:`~lightning_lens.attribution.base.forward_logits` with ``output_fn``)."""
     with evaluating(model):
         if target is None:
-            logits = torch.cat([forward_logits(model, chunk) for chunk in inputs.split(batch_size)])
+            logits = torch.cat([forward_logits(model, chunk, output_fn) for chunk in inputs.split(batch_size)])
         else:  # the class count is only needed for the range check: one example suffices
-            logits = forward_logits(model, inputs[:1]).expand(inputs.shape[0], -1)
+            logits = forward_logits(model, inputs[:1], output_fn).expand(inputs.shape[0], -1)
     return resolve_target(target, logits)

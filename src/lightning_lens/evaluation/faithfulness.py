@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lens.attribution._batching import default_rows
-from lightning_lens.attribution.base import forward_logits
+from lightning_lens.attribution.base import OutputFn, forward_logits
 from lightning_lens.evaluation._common import evaluating, feature_map, model_device, resolve_targets
 from lightning_lens.utils.checks import check_bool, check_choice, check_finite, check_int, check_tensor
 from lightning_lens.utils.targets import Target
@@ -181,6 +181,7 @@ def _curve_scores(
     insertion: bool,
     score: str,
     batch_size: int,
+    output_fn: Optional[OutputFn] = None,
 ) -> torch.Tensor:
     """Scores ``(B, K + 1)``: row ``b`` after the first ``counts[k]`` ranked features were removed (or inserted)."""
     b = inputs.shape[0]
@@ -196,7 +197,7 @@ def _curve_scores(
         rows, steps = pairs // n_points, pairs % n_points
         changed = (ranks[rows] < counts[steps].unsqueeze(1)).unsqueeze(1)
         perturbed = torch.where(changed, end[rows], start[rows]).reshape(-1, *inputs.shape[1:])
-        logits = forward_logits(model, perturbed)
+        logits = forward_logits(model, perturbed, output_fn)
         if score == "probability":
             logits = logits.float().softmax(dim=1)
         out[lo : lo + pairs.numel()] = logits.gather(1, target[rows].view(-1, 1)).squeeze(1).float()
@@ -218,6 +219,7 @@ def perturbation_curve(
     random_control: bool = True,
     seed: int = 0,
     batch_size: Optional[int] = None,
+    output_fn: Optional[OutputFn] = None,
 ) -> PerturbationCurve:
     """Deletion or insertion curves (Petsiuk et al. 2018) of ``attributions`` for ``model`` on ``inputs``.
 
@@ -241,6 +243,8 @@ def perturbation_curve(
             attribution values (the global RNG is untouched).
         batch_size: the most perturbed inputs per forward pass (default: as many as fit the attribution methods'
             element budget, 2**16 input elements: 64 images of 1x32x32; on CPU larger blocks run slower per row).
+        output_fn: maps the model's output to ``(B, classes)`` scores, as the attribution methods' ``output_fn``
+            (not needed for a tensor, a tuple, or a mapping / HuggingFace ``ModelOutput`` with ``"logits"``).
 
     Returns:
         A :class:`PerturbationCurve`; tensors on the CPU.
@@ -284,17 +288,18 @@ def perturbation_curve(
     counts = torch.linspace(0, d, n_steps + 1, device=device).round().long()
     fractions = counts.double().div(d).float()
 
-    resolved = resolve_targets(model, x, target, batch_size)
+    resolved = resolve_targets(model, x, target, batch_size, output_fn)
     base = substrate_like(x, substrate)
     generator = torch.Generator().manual_seed(int(seed))
     ranks = _descending_ranks(values, generator)
     insertion = mode == "insertion"
     with evaluating(model):
-        scores = _curve_scores(model, x, base, ranks, counts, resolved, insertion, score, batch_size)
+        scores = _curve_scores(model, x, base, ranks, counts, resolved, insertion, score, batch_size, output_fn)
         random_scores = None
         if random_control:
             random_ranks = torch.rand(b, d, generator=generator).argsort(dim=1).to(device)
-            random_scores = _curve_scores(model, x, base, random_ranks, counts, resolved, insertion, score, batch_size)
+            random_scores = _curve_scores(model, x, base, random_ranks, counts, resolved, insertion, score, batch_size,
+                                          output_fn)
     fractions_cpu = fractions.cpu()
     scores = scores.cpu()
     random_scores = None if random_scores is None else random_scores.cpu()

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_lens.attribution.base import Attribution
+from lightning_lens.attribution.base import Attribution, OutputFn
 from lightning_lens.attribution.registry import MethodSpec, resolve_method
 from lightning_lens.evaluation._common import model_device
 from lightning_lens.evaluation.faithfulness import perturbation_curve
@@ -84,6 +84,7 @@ def compute_quality(
     options: Optional[Mapping[str, Mapping[str, Any]]] = None,
     batch_size: Optional[int] = None,
     seed: int = 0,
+    output_fn: Optional[OutputFn] = None,
 ) -> dict[str, float]:
     """Explanation-quality scalars of one method on one batch.
 
@@ -104,6 +105,9 @@ def compute_quality(
             :func:`~lightning_lens.evaluation.perturbation_curve`) or per explanation call
             (max-sensitivity, capped at 64).
         seed: seed of the private generators (random orderings, ties, perturbation noise).
+        output_fn: maps the model's output to ``(B, classes)`` scores in every model call (predictions,
+            deletion/insertion curves), as the attribution methods' ``output_fn``; default: the method's own
+            ``output_fn`` (so a method built for a model returning a ``ModelOutput`` or a dict scores it the same way).
 
     Returns:
         ``{key: float}`` with these keys, in the order the metrics were asked for:
@@ -155,6 +159,8 @@ def compute_quality(
     if isinstance(targets, torch.Tensor):
         targets = targets.to(device)
     explainer = _resolve_method(method, model)
+    if output_fn is None:
+        output_fn = getattr(explainer, "output_fn", None)
     if attributions is None:
         if explainer is None:
             raise ValueError("pass attributions, or a method to compute them")
@@ -167,7 +173,7 @@ def compute_quality(
     for mode in ("deletion", "insertion"):
         asked = [m for m in wanted if m.startswith(mode)]
         if asked:
-            kwargs = {"batch_size": batch_size, "seed": seed, **options.get(mode, {})}
+            kwargs = {"batch_size": batch_size, "seed": seed, "output_fn": output_fn, **options.get(mode, {})}
             kwargs["random_control"] = f"{mode}_auc_random" in asked
             curves[mode] = perturbation_curve(model, x, attributions, targets, mode=mode, **kwargs)
     for name in wanted:
@@ -185,7 +191,8 @@ def compute_quality(
         elif name == "max_sensitivity":
             if explainer is None:
                 raise ValueError("max_sensitivity recomputes explanations: pass the method")
-            kwargs = {"batch_size": 64 if batch_size is None else min(batch_size, 64), "seed": seed, **options.get("max_sensitivity", {})}
+            kwargs = {"batch_size": 64 if batch_size is None else min(batch_size, 64), "seed": seed,
+                      "output_fn": output_fn, **options.get("max_sensitivity", {})}
             result = max_sensitivity(explainer, x, targets, attributions=attributions, model=model, **kwargs)
             out[name] = result.value
     return out

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lightning_lens.attribution.base import OutputFn
 from lightning_lens.attribution.registry import MethodSpec, resolve_method
 from lightning_lens.evaluation._common import model_device, resolve_targets
 from lightning_lens.utils import gradients_enabled, preserve_modes
@@ -64,10 +65,10 @@ class SensitivityResult:
 
 
 def _explain_fn(explainer: Explainer, model: Optional[nn.Module]) -> tuple[
-    Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor], Optional[nn.Module]
+    Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor], Optional[nn.Module], Optional[OutputFn]
 ]:
-    """``(explain(inputs, target), model)``: the method resolved for ``model`` by the registry, and the model it
-    explains (``model``, else the method's own)."""
+    """``(explain(inputs, target), model, output_fn)``: the method resolved for ``model`` by the registry, the model
+    it explains (``model``, else the method's own) and the method's ``output_fn``."""
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
@@ -75,7 +76,7 @@ def _explain_fn(explainer: Explainer, model: Optional[nn.Module]) -> tuple[
     except TypeError as err:
         raise TypeError(f"explainer: {err}") from err
     model = model if model is not None else getattr(method, "model", None)
-    return (lambda x, t: method.attribute(x, target=t)), model
+    return (lambda x, t: method.attribute(x, target=t)), model, getattr(method, "output_fn", None)
 
 
 def _flat_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
@@ -96,6 +97,7 @@ def max_sensitivity(
     normalize: bool = True,
     seed: int = 0,
     batch_size: int = 64,
+    output_fn: Optional[OutputFn] = None,
 ) -> SensitivityResult:
     """Max-sensitivity of an explanation method (Yeh et al. 2019) at ``inputs``.
 
@@ -118,6 +120,8 @@ def max_sensitivity(
             are then excluded and counted.
         seed: seed of the private noise generator.
         batch_size: the most perturbed inputs per call of the method (bounds memory; each method may chunk further).
+        output_fn: maps the model's output to ``(B, classes)`` scores when the prediction is the target (default: the
+            method's own ``output_fn``).
 
     Returns:
         A :class:`SensitivityResult` (CPU tensors).
@@ -129,7 +133,7 @@ def max_sensitivity(
         >>> r.value  # a linear model's gradient does not change
         0.0
     """
-    explain, model = _explain_fn(explainer, model)
+    explain, model, own_output_fn = _explain_fn(explainer, model)
     check_differentiable_inputs(inputs, "inputs")
     check_int(n_samples, "n_samples", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
@@ -140,7 +144,7 @@ def max_sensitivity(
     x = inputs.detach() if model is None else inputs.detach().to(model_device(model, inputs.device))
     b = x.shape[0]
     if model is not None:
-        resolved: Optional[torch.Tensor] = resolve_targets(model, x, target, batch_size)
+        resolved: Optional[torch.Tensor] = resolve_targets(model, x, target, batch_size, output_fn or own_output_fn)
     elif target is None:
         resolved = None  # a model-free control (edge detector, random map): no class to hold fixed
     else:

@@ -4,8 +4,9 @@ Self-contained: images are embedded as ``data:`` URIs (PNG), the CSS is inline, 
 fonts, no links to the network), and every text from the logs is HTML-escaped. Sections, each shown when its data
 is there: the sanity verdicts explained in words (what passes/fails means, the deciding metric and its numbers, the
 controls and their expected verdicts) with the cascade and similarity figures; the saliency maps over epochs; the
-error slices with their example grid; curves of the logged scalars (a metric beside its ``_chance`` level) drawn with
-matplotlib (Agg); the other figures (MoE, concepts, kNN gallery, TracIn) and tables; errors the callbacks reported.
+error slices with their example grid; the HTML views the callbacks logged (token attributions of text models), each
+in a sandboxed ``<iframe srcdoc>`` (no scripts, nothing fetched); curves of the logged scalars (a metric beside its
+``_chance`` level) drawn with matplotlib (Agg); the other figures (MoE, concepts, kNN gallery, TracIn) and tables; errors the callbacks reported.
 Plain Python: no Lightning.
 """
 
@@ -44,6 +45,7 @@ img.plot{image-rendering:auto}
 .scroll{overflow-x:auto}.note{background:#f7f7f7;border-left:4px solid #999;padding:6px 10px;font-size:14px}
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}
 nav a{margin-right:12px}
+iframe.view{width:100%;border:1px solid #e3e3e3;resize:vertical;background:#fff}
 """
 
 #: images narrower than this many pixels are shown up to ``_MAX_ZOOM`` times larger
@@ -294,6 +296,45 @@ def _saliency_section(run: RunLog, used: set[str], max_steps: int) -> str:
     return "\n".join(parts)
 
 
+#: put into every embedded page: nothing may be fetched, only inline styles and data: images
+_FRAME_POLICY = ("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline';"
+                 " img-src data:\">")
+
+
+def embed_page(page: str, title: str) -> str:
+    """A logged HTML page as a sandboxed ``<iframe>``: the page, with a content security policy that blocks every
+    fetch, is the attribute-escaped ``srcdoc``; the empty ``sandbox`` runs no scripts, forms or plugins.
+
+    Example:
+        >>> frame = embed_page('<p title="a">x &lt; y</p>', "view")
+        >>> frame.startswith('<iframe class="view" sandbox=""'), '&lt;p title=&quot;a&quot;&gt;x &amp;lt; y' in frame
+        (True, True)
+    """
+    head = page.find("<head>")
+    doc = page[: head + 6] + _FRAME_POLICY + page[head + 6 :] if head >= 0 else _FRAME_POLICY + page
+    rows = page.count('class="lens-row"')  # token views: one row per probe
+    height = min(720, 80 + 30 * max(rows, 2))
+    return (f'<iframe class="view" sandbox="" referrerpolicy="no-referrer" title="{_e(title)}"'
+            f' style="height:{height}px" srcdoc="{_e(doc)}"></iframe>')
+
+
+def _pages_section(run: RunLog, max_steps: int) -> str:
+    if not run.pages:
+        return ""
+    parts = ['<h2 id="views">Token views</h2>',
+             '<p class="note">The HTML views the callbacks logged (text models: each probe\'s tokens coloured by their '
+             "attribution, red positive, blue negative; hover a token for its score), oldest first.</p>"]
+    for tag, series in run.pages.items():
+        shown = _spread(series, max_steps)
+        parts.append(f"<h3>{_e(tag)}</h3>")
+        if len(series) > len(shown):
+            parts.append(f'<p class="muted">{len(shown)} of {len(series)} logged steps shown, first and last '
+                         "included.</p>")
+        parts.extend(f'<p class="muted">{_e(_when(run, step))}</p>' + embed_page(page, f"{tag} {_when(run, step)}")
+                     for step, page in shown)
+    return "\n".join(parts)
+
+
 def _slices_section(run: RunLog, used: set[str]) -> str:
     prefixes = sorted({t.rsplit("/", 1)[0] for t in list(run.texts) + list(run.json) + list(run.images)
                        if t.endswith(("/top", "/all", "/worst_examples"))
@@ -428,7 +469,8 @@ def render_run(run: RunLog, root: str, max_steps: int = 6) -> str:
     used: set[str] = set()
     name = _run_name(run.path, root)
     sections = [
-        _sanity_section(run, used), _saliency_section(run, used, max_steps), _slices_section(run, used),
+        _sanity_section(run, used), _saliency_section(run, used, max_steps), _pages_section(run, max_steps),
+        _slices_section(run, used),
         _figures_section(run, used), _curves_section(run), _values_section(run), _tables_section(run, used),
         _errors_section(run),
     ]

@@ -1,7 +1,7 @@
 """Read back what the callbacks logged: file-sink artifacts and TensorBoard event files, as one :class:`RunLog` per run.
 
 A *run* is a directory that holds TensorBoard event files (``events.out.tfevents.*``), a ``lens/`` folder of the
-file sink (``lens/<tag>/step_<step>.{png,txt,csv,md,json}``, see :mod:`lightning_lens.loggers`) or a CSVLogger's
+file sink (``lens/<tag>/step_<step>.{png,txt,csv,md,json,html}``, see :mod:`lightning_lens.loggers`) or a CSVLogger's
 ``metrics.csv``. Images, text and scalars come from the file sink when it has them and from the event files
 otherwise (TensorBoard's ``EventAccumulator``); JSON artifacts are always files (TensorBoard runs write them beside
 their event files). Plain Python: no Lightning.
@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 __all__ = ["RunLog", "find_runs", "read_run"]
 
-_STEP_FILE = re.compile(r"^step_(\d+)\.(png|txt|csv|md|json)$")
+_STEP_FILE = re.compile(r"^step_(\d+)\.(png|txt|csv|md|json|html)$")
 _EVENTS = "events.out.tfevents."
 
 
@@ -33,6 +33,8 @@ class RunLog:
         scalars: tag -> ``[(step, value)]``.
         texts: tag -> ``[(step, markdown)]`` (tables are markdown text, as TensorBoard shows them).
         json: tag -> ``[(step, object)]``.
+        pages: tag -> ``[(step, html)]``: the pages :func:`lightning_lens.loggers.log_html` wrote (token views; file
+            sink only, TensorBoard gets their image instead).
         source: ``"files"``, ``"tensorboard"`` or both, joined with ``+``.
     """
 
@@ -41,6 +43,7 @@ class RunLog:
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     json: dict[str, list[tuple[int, Any]]] = field(default_factory=dict)
+    pages: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     source: str = ""
 
     def latest_json(self, tag: str) -> Optional[Any]:
@@ -50,7 +53,7 @@ class RunLog:
 
     @property
     def empty(self) -> bool:
-        return not (self.images or self.scalars or self.texts or self.json)
+        return not (self.images or self.scalars or self.texts or self.json or self.pages)
 
 
 def _is_run(dirpath: str, dirnames: list[str], filenames: list[str]) -> bool:
@@ -91,6 +94,8 @@ def _read_files(run: RunLog) -> None:
                     run.images.setdefault(tag, []).append((step, f.read(), caption))
             elif kind == "md":
                 run.texts.setdefault(tag, []).append((step, _read_text(path)))
+            elif kind == "html":
+                run.pages.setdefault(tag, []).append((step, _read_text(path)))
             elif kind == "json":
                 try:
                     with open(path) as f:
@@ -181,7 +186,7 @@ def read_run(path: str) -> RunLog:
         _read_events(run, events)
         sources.append("tensorboard")
     run.source = "+".join(sources)
-    for series in (run.images, run.scalars, run.texts, run.json):
+    for series in (run.images, run.scalars, run.texts, run.json, run.pages):
         for tag in series:
             series[tag].sort(key=lambda item: item[0])
     for tag, values in run.scalars.items():

@@ -12,6 +12,11 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+# one number format and one table of control expectations for the logged tables, the figures, the console and the
+# report (re-exported here: ``lightning_lens.report.format_number`` is ``lightning_lens.loggers.format_number``)
+from lightning_lens.loggers.sinks import format_number
+from lightning_lens.render.sanity import CONTROL_EXPECTATIONS
+
 __all__ = [
     "CONTROL_EXPECTED",
     "epochs_text",
@@ -25,37 +30,15 @@ __all__ = [
     "verdict_meaning",
 ]
 
-#: the verdict each model-independent control of the randomization check is expected to get, and why
-CONTROL_EXPECTED: dict[str, tuple[str, str]] = {
-    "edge": ("fails", "the Sobel edge map ignores the weights, so randomizing them cannot change it"),
-    "random": ("inconclusive", "re-runs with fresh noise differ as much as unrelated maps: no signal to judge"),
-}
+#: the verdict each model-independent control of the randomization check is expected to get, and why: the one table
+#: (:data:`lightning_lens.render.CONTROL_EXPECTATIONS`) the figures use too, under the report's name
+CONTROL_EXPECTED: dict[str, tuple[str, str]] = CONTROL_EXPECTATIONS
 
 _MEANING = {
     "passes": "the maps changed when the weights were randomized: they depend on what the model learned",
     "fails": "the maps barely changed when the weights were randomized: they do not reflect what the model learned",
     "inconclusive": "the test cannot tell (the score lies between the thresholds, or the controls leave no room)",
 }
-
-
-def format_number(value: Any, digits: int = 3) -> str:
-    """``value`` with ``digits`` significant digits; ``nan`` for a missing or non-finite number, text as it is.
-
-    Example:
-        >>> format_number(0.0009554), format_number(12.3456), format_number(float("nan")), format_number(3)
-        ('0.000955', '12.3', 'nan', '3')
-    """
-    if isinstance(value, bool) or value is None:
-        return "nan" if value is None else str(value)
-    if isinstance(value, int):
-        return str(value)
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(v):
-        return "nan"
-    return f"{v:.{digits}g}"
 
 
 def text_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> str:
