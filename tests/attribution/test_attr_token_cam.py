@@ -202,15 +202,20 @@ def square_mass(maps, squares):
 def test_token_grid_cams_on_the_trained_vit_find_the_square(shortcut_vit):
     """HiResCAM on the tokens finds the square; Grad-CAM on the tokens does not, and this is measured, not a defect.
 
-    Measured finding (relevance mass on the square / chance; 4 seeds x 8 epochs and both heads in the
-    issue-13 notes): token-grid Grad-CAM on the tiny ViT is NOT reliably several times chance at
-    any layer. This model: 0.4x at its default layer ``encoder.layers.1.norm1``, 1.6x at ``encoder.layers.0.norm1``;
-    over 4 seeds at 8 epochs it ranged 0.3x-5.2x at the default layer. With a mean-pooled head (``pool="mean"``) its
-    default layer is ``norm``, where Grad-CAM is exactly CAM (see the test above) and gives 0.9x-1.1x: after two
-    attention layers every token carries the square's evidence, so a per-token readout is flat. Grad-CAM's weights
-    are one average over all patches, so they cannot say *where* the [CLS] token read the evidence; the square is
-    class-specific only by its position, its pixels are the same for every class. HiResCAM keeps the gradient's
-    position (the attention the [CLS] token pays to each patch) and is 2.9x-8.3x at ``encoder.layers.0.norm1``.
+    Measured (mass on the square / chance; seeds 0-3, both heads, 4-16 epochs in the issue-13 note): on
+    SpuriousDigits with the digits the ViT uses both cues (accuracy with the square absent 0.2-0.65, chance 0.1) and
+    token-grid Grad-CAM is 0.7x-2.6x at its default layer for both heads (8 and 16 epochs), also when the [CLS] model
+    follows a moved square on 74-92 % of images (seeds 0, 2, 3); no token layer is above 2x on all four seeds (the
+    best cells, 4x-6x, are single seeds). This model: 0.4x at ``encoder.layers.1.norm1``.
+    Two explanations were tested and do not hold alone: per-image reliance (images the model decides by the square
+    get the same mass as the others) and the square's pixels being the same for every class (a class-specific
+    pattern in the square gives the same 0.6x-1.5x). A likely reason, only partly supported: unlike a CNN's sparse
+    post-ReLU maps, the tokens are dense (LayerNorm'd, with position embeddings), so ``alpha . A`` is non-zero at
+    every patch and one channel weighting averaged over all patches spreads the map over them (the offset shared by
+    all patches is 30-98 % of the map; removing it helps on images reduced to the square, not on the digits).
+    HiResCAM keeps the gradient's position (at the last attention's input, the attention [CLS] pays each patch).
+    Against a model trained without the square, Grad-CAM's mass does not move while HiResCAM's does: see the
+    controlled test at the end of this file.
     """
     model, x, y, squares = shortcut_vit
     hires = HiResCAM(model, layer="encoder.layers.0.norm1").attribute(x, target=y)
@@ -251,3 +256,60 @@ def test_cascade_verdicts_for_the_rollouts(shortcut_vit):
     # the verdicts themselves are reported in the issue notes, whatever they are
     for verdict in report.verdicts.values():
         assert verdict.outcome in ("passes", "fails", "inconclusive")
+
+
+# ------------------------------------------------------ issue 13's must-show: a ViT whose evidence is the square alone
+def fit_vit(x, y, seed, pool="cls", epochs=8):
+    """TinyViT (32 x 32, 4 x 4 patches, dim 32, 2 blocks) fitted with Adam (lr 3e-3, batches of 32), seeded."""
+    torch.manual_seed(seed)
+    model = TinyViT(image_size=32, patch_size=4, num_classes=10, dim=32, heads=2, depth=2, pool=pool)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=order)
+        for i in range(0, len(x), 32):
+            rows = perm[i:i + 32]
+            loss = F.cross_entropy(model(x[rows]), y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_token_grid_cams_against_a_model_trained_without_the_square(seed):
+    """Issue 13's must-show, measured against a control. A [CLS]-head TinyViT fitted 8 epochs on all 1078 training
+    images of SpuriousDigits with the square (the shortcut) and the same recipe without it (the control), both
+    explained on the same validation images with the square at the class position. Seeds 0-3, all of them (~8 s
+    each).
+
+    Mass on the square / chance, seeds 0-3 (shortcut model | control):
+    - HiResCAM on the tokens entering the first block: 9.2, 2.2, 7.7, 3.0 | 0.6, 0.4, 0.6, 0.2 (asserted below);
+    - gradient rollout: 14.6, 2.5, 8.0, 7.2 | 0.7, 0.4, 0.9, 0.3;
+    - Grad-CAM at its default layer ``encoder.layers.1.norm1``: 2.6, 0.9, 1.0, 1.7 | 1.0, 1.1, 1.9, 1.3; at the
+      patch embedding: 2.9, 2.0, 2.9, 2.5 | 3.1, 2.1, 4.0, 2.3 (the brightest patches, whatever the model learned).
+    Token-grid Grad-CAM does not tell the shortcut model from the control, so its "several times chance" cannot be
+    asserted honestly; HiResCAM on the same token grid can (the weakest seed, 1, is also the one that relies least
+    on the square). Also measured, and why no test asserts Grad-CAM on images reduced to the square alone: there
+    an untrained TinyViT's Grad-CAM already puts 1.1x-8.8x chance on the square (the only non-blank patch).
+    """
+    from lightning_lens.datasets import SpuriousDigits
+
+    val = SpuriousDigits("val", seed=seed, eval_shortcut_fraction=1.0, eval_shortcut_mode="consistent")
+    conflicting = SpuriousDigits("val", seed=seed, eval_shortcut_fraction=1.0, eval_shortcut_mode="conflicting")
+    moved_to = torch.from_numpy(conflicting.metadata["shortcut_position"])
+    hires, follows = {}, {}
+    for kind, fraction in (("shortcut", 1.0), ("control", 0.0)):
+        train = SpuriousDigits("train", seed=seed, train_shortcut_fraction=fraction)
+        model = fit_vit(train.images, train.labels, seed)
+        with torch.no_grad():
+            follows[kind] = float((model(conflicting.images).argmax(1) == moved_to).float().mean())
+        maps = HiResCAM(model, layer="encoder.layers.0.norm1").attribute(val.images, target=val.labels)
+        hires[kind] = square_mass(maps, val.square_masks)
+        grad_cam = GradCAM(model)
+        assert grad_cam.attribute(val.images[:8], target=val.labels[:8]).shape == (8, 1, 32, 32)
+        assert grad_cam.layer_name == "encoder.layers.1.norm1"
+    # the shortcut model uses the square: moved to another class's position, it takes the prediction with it
+    assert follows["shortcut"] >= 0.25 and follows["control"] <= 0.1, follows  # measured 0.35-0.79 and 0.01-0.03
+    assert hires["shortcut"] >= 1.5, hires  # measured 9.2, 2.2, 7.7, 3.0
+    assert hires["shortcut"] >= 3 * hires["control"], hires  # measured ratios 15, 5.5, 13, 13
