@@ -54,7 +54,33 @@ our explanations alone: no harness work can lift a ratio above it, only faster e
 unchanged input-side layers' forward across top-down stages, through a retained graph, gives bitwise the same maps
 but measured slower on this CNN: the recording pass and the nested backward cost more than the forwards saved.)
 
-Run: ``python benchmarks/sanity.py [--threads N] [--quantus] [--no-floor] [--repeats N] [--profile]``.
+Stage batching with ``torch.func`` (tried for issue 11's ">= 3x", not kept): the ``S + 1`` explanations run on models
+that differ only in parameters, so one ``vmap`` over the stages' stacked parameters (``functional_call``; a parameter
+equal in every stage of a group is passed once, unbatched, so vmap computes what depends only on such parameters once:
+the unchanged input-side prefix of top-down stages) could replace the per-stage loop. ``--stage-batching`` times it
+against the loop (the cascade's channels-last copy and its seed-0 stages, the method's own ``attribute`` per stage).
+Measured 2026-12-07 on the shared 2-core machine under load (1 thread, median of 5 interleaved rounds; the vmapped
+maps equal the loop's within 5e-7 relative), time / loop time, Gradient / IG (10 trapezoid steps):
+
+* all 7 stages in one call: ``vmap(grad)`` 1.76x / 1.82x (slower); vmapped forward then ``autograd.grad(...,
+  is_grads_batched=True)`` 9.2x / 9.6x (the batched backward runs the already stage-batched suffix once per stage);
+* pairs of stages: 1.44x / 1.38x, and 1.49x / 1.49x;
+* the 3 stages that differ only in ``Linear`` weights (the original and the two classifier stages: no convolution
+  weight batched) in one call, the rest looped: 1.08x / 1.03x, and 0.96x / 0.98x: at most 4 % faster, before the
+  discovery forward of its own the cascade would then need again (it rides on the original's explanation today).
+
+Why it does not pay on CPU: the time is in the convolution kernels (~4.5 ms of forward and backward per stage for 16
+probes), not in per-op overhead; a stage-batched convolution weight becomes a grouped convolution, and a stage dim in
+front of the batch forces copies out of channels-last into the default layout, which costs more than the shared
+prefix saves. The prefix saves forwards only (every stage still needs its own backward through it): for this CNN
+about a fifth of the explanations' multiply-adds even with perfect reuse, which would lift Gradient to ~3x (3.2x
+native) but IG only to ~2.4x Quantus native. Integrated Gradients' block size is not a lever either: 32-80
+rows per block within 5 % of the default 64 (16 rows 8 % slower, all 160 rows 35 % slower). With the ceilings measured
+(Gradient 2.96x same explainer / 3.16x native, IG 1.61x / 2.02x, same load), >= 3x needs cheaper kernels than
+channels-last oneDNN on this CPU, not a different harness.
+
+Run: ``python benchmarks/sanity.py [--threads N] [--quantus] [--no-floor] [--repeats N] [--profile]
+[--stage-batching]``.
 One intra-op thread by default (BLAS pools limited too), and times are CPU times of this process
 (``time.process_time``): on a shared, oversubscribed machine wall-clock timings of small CPU ops swing by 10x (OpenMP
 threads spinning, the process descheduled), which measures the scheduler, not the code.
@@ -74,6 +100,7 @@ import torch
 
 from lightning_lens.attribution import get_method
 from lightning_lens.sanity import MapSimilarity, VerdictRule, _common, cascading_randomization
+from lightning_lens.sanity.layers import find_layers, reinitialize_, to_fast_layout_
 from lightning_lens.testing import SmallCNN
 
 REPEATS = 7
@@ -292,6 +319,144 @@ def _quantus_section(model: torch.nn.Module, inputs: torch.Tensor, targets: torc
         f"{n} " + " / ".join(f"{k} {v:.2f}x" for k, v in r.items()) for n, r in summary))
 
 
+# ------------------------------------------------------------------------------------------ stage batching (vmap)
+def _stage_parameters(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[torch.nn.Module, list[dict]]:
+    """The cascade's private copy (channels-last, as the cascade runs it) and the parameters of its ``S + 1`` stage
+    models (original first, then top-down, seed 0, as ``cascading_randomization`` draws them)."""
+    clone, _ = _common.private_copy(model)
+    to_fast_layout_(clone, inputs)
+    found, _ = find_layers(clone, inputs)
+    generator = torch.Generator().manual_seed(0)
+    snapshot = lambda: {n: p.detach().clone() for n, p in clone.named_parameters()}  # noqa: E731
+    stages = [snapshot()]
+    for layer in reversed(found):
+        reinitialize_(layer, generator)
+        stages.append(snapshot())
+    return clone, stages
+
+
+def _split_stages(group: list[dict]) -> tuple[dict, dict]:
+    """``(shared, stacked)``: parameters equal in every stage of ``group`` (passed once, unbatched: vmap then
+    computes everything that depends on them alone once for the group) and the others stacked along a stage dim."""
+    shared, stacked = {}, {}
+    for name, value in group[0].items():
+        if all(torch.equal(g[name], value) for g in group[1:]):
+            shared[name] = value
+        else:
+            stacked[name] = torch.stack([g[name] for g in group])
+    return shared, stacked
+
+
+def _vmapped_gradients(clone: torch.nn.Module, group: list[dict], x: torch.Tensor, target: torch.Tensor,
+                       batched_backward: bool) -> torch.Tensor:
+    """``(len(group), B, ...)`` input gradients of the target logits of every stage model in ``group``, in one
+    vmapped call over the stacked stage parameters (``torch.func.functional_call``).
+
+    ``batched_backward=False``: ``vmap(torch.func.grad(score))``; ``True``: the vmapped forward on one input leaf,
+    then ``torch.autograd.grad(..., is_grads_batched=True)`` with one-hot cotangents over the stages."""
+    from torch.func import functional_call, grad, vmap
+
+    shared, stacked = _split_stages(group)
+    k, index = len(group), target.view(-1, 1)
+    if not stacked:  # identical stages: one explanation
+        x = x.detach().clone().requires_grad_(True)
+        score = functional_call(clone, shared, (x,)).gather(1, index).sum()
+        return torch.autograd.grad(score, x)[0].expand(k, *x.shape)
+    if not batched_backward:
+        def score(xi: torch.Tensor, params: dict) -> torch.Tensor:
+            return functional_call(clone, {**shared, **params}, (xi,)).gather(1, index).sum()
+
+        return vmap(grad(score), in_dims=(None, 0))(x, stacked)
+    leaf = x.detach().clone().requires_grad_(True)
+    logits = vmap(lambda params: functional_call(clone, {**shared, **params}, (leaf,)))(stacked)  # (k, B, C)
+    scores = logits.gather(2, index.expand(k, -1, -1)).sum(dim=(1, 2))
+    return torch.autograd.grad(scores, leaf, torch.eye(k, dtype=scores.dtype), is_grads_batched=True)[0]
+
+
+def _head_chunk(stages: list[dict], clone: torch.nn.Module) -> int:
+    """The number of leading stages whose parameters differ only in modules that are not convolutions (top-down:
+    the original and the classifier-head stages), so that vmap batches no convolution weight for them."""
+    conv_params = {f"{n}.{p}" for n, m in clone.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)
+                   for p, _ in m.named_parameters(recurse=False)}
+    count = 1
+    while count < len(stages) and all(torch.equal(stages[count][n], stages[0][n]) for n in conv_params):
+        count += 1
+    return count
+
+
+def _stage_batching_section(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                            repeats: int) -> None:
+    """The S + 1 explanations of a top-down cascade (original + 6 stages) run one stage after another through the
+    method (as the cascade does) against vmapped stage-batched calls (``_vmapped_gradients``), for Gradient and
+    IG (10 ``riemann_trapezoid`` steps, zero baseline, path rows in blocks of the element budget)."""
+    from lightning_lens.attribution._batching import resolve_batch_size
+    from lightning_lens.attribution.integrated_gradients import integration_points
+
+    clone, stages = _stage_parameters(model, inputs)
+    stage_models = []
+    for params in stages:  # one channels-last module per stage for the loop (the cascade re-initializes in place)
+        stage_model = copy.deepcopy(clone)
+        with torch.no_grad():
+            for name, p in stage_model.named_parameters():
+                p.copy_(params[name])
+        stage_models.append(stage_model)
+    head = _head_chunk(stages, clone)
+    alphas, weights = integration_points(10, "riemann_trapezoid")
+    rows = resolve_batch_size(None, len(inputs), inputs[0].numel())
+    points_per_block = max(1, rows // len(inputs))
+
+    def ig_from(grads_of, group):  # grads_of(group, path rows, targets) -> (k, rows, ...)
+        total = 0
+        for s0 in range(0, len(alphas), points_per_block):
+            a = torch.tensor(alphas[s0 : s0 + points_per_block]).view(-1, 1, 1, 1, 1)
+            w = torch.tensor(weights[s0 : s0 + points_per_block])
+            path = (a * inputs).flatten(0, 1)
+            g = grads_of(group, path, targets.repeat(len(a)))
+            g = g.view(len(group), len(a), *inputs.shape)
+            total = total + torch.einsum("s,ks...->k...", w, g)
+        return total * inputs
+
+    def vm(batched_backward):
+        return lambda group, x, t: _vmapped_gradients(clone, group, x, t, batched_backward)
+
+    def chunked(explain_group, chunk):
+        return lambda: torch.cat([explain_group(stages[i : i + chunk]) for i in range(0, len(stages), chunk)])
+
+    def head_then_loop(explain_group, loop_one):
+        return lambda: torch.cat([explain_group(stages[:head])] + [loop_one(m)[None] for m in stage_models[head:]])
+
+    for name, kwargs in [("gradient", {}), ("integrated_gradients", {"n_steps": 10, "method": "riemann_trapezoid"})]:
+        methods = [get_method(name, m, **kwargs) for m in stage_models]
+
+        def loop_one(m, methods=methods):
+            return methods[stage_models.index(m)].attribute(inputs, target=targets)
+
+        def loop():
+            return torch.stack([m.attribute(inputs, target=targets) for m in methods])
+
+        if name == "gradient":
+            def group_fn(batched_backward):
+                return lambda group: vm(batched_backward)(group, inputs, targets)
+        else:
+            def group_fn(batched_backward):
+                return lambda group: ig_from(vm(batched_backward), group)
+        fns = {"ours": loop}
+        for label, bb in [("vmap(grad)", False), ("vmap fwd + batched backward", True)]:
+            fns[f"{label}, all {len(stages)} stages in one call"] = chunked(group_fn(bb), len(stages))
+            fns[f"{label}, pairs of stages"] = chunked(group_fn(bb), 2)
+            fns[f"{label}, the {head} head-only stages in one call, the rest looped"] = head_then_loop(
+                group_fn(bb), loop_one)
+        reference = loop()
+        errors = {k: float((fn() - reference).abs().max() / reference.abs().max()) for k, fn in fns.items()
+                  if k != "ours"}
+        best, ratios = _interleaved(fns, repeats)
+        print(f"{name}: the {len(stages)} explanations one stage after another (the cascade): {best['ours'] * 1e3:.1f}"
+              " ms; stage-batched (time / loop time, median of rounds; best; max relative difference to the loop):")
+        for k in fns:
+            if k != "ours":
+                print(f"    {k:<80s} {ratios[k]:.2f}x  {best[k] * 1e3:7.1f} ms  {errors[k]:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -299,6 +464,8 @@ def main() -> None:
     parser.add_argument("--no-floor", action="store_true", help="skip the cascade-vs-explanations section")
     parser.add_argument("--repeats", type=int, default=REPEATS,
                         help=f"interleaved rounds of the quantus comparison (default {REPEATS}; more when loaded)")
+    parser.add_argument("--stage-batching", action="store_true",
+                        help="time vmapped stage-batched explanations against the per-stage loop (torch.func)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the gradient cascade of the quantus comparison (where the overhead goes)")
     args = parser.parse_args()
@@ -320,6 +487,8 @@ def main() -> None:
             _floor_section(model, inputs, targets)
         if args.profile:
             _profile(model, inputs, targets, args.repeats)
+        if args.stage_batching:
+            _stage_batching_section(model, inputs, targets, args.repeats)
         if args.quantus:
             _quantus_section(model, inputs, targets, args.repeats)
 
