@@ -273,15 +273,15 @@ def test_a_failing_rendering_or_logger_does_not_stop_the_other_parts(tmp_path, l
     def broken_grid(*args, **kwargs):
         raise RuntimeError("grid exploded")
 
-    original_log_figure = loggers.log_figure
+    original_log_image = loggers.log_image
 
-    def rejecting_log_figure(trainer, tag, *args, **kwargs):
+    def rejecting_log_image(trainer, tag, *args, **kwargs):
         if tag == "sanity/similarity":
             raise ValueError("the logger rejects this tag")
-        return original_log_figure(trainer, tag, *args, **kwargs)
+        return original_log_image(trainer, tag, *args, **kwargs)
 
     monkeypatch.setattr(render, "cascade_grid", broken_grid)
-    monkeypatch.setattr(loggers, "log_figure", rejecting_log_figure)
+    monkeypatch.setattr(loggers, "log_image", rejecting_log_image)
     check = RandomizationSanityCheck(methods=["gradient"], num_probes=4)
     trainer = _trainer(tmp_path, [check], TensorBoardLogger(str(tmp_path), name="tb"), max_epochs=1)
     with warnings.catch_warnings(record=True) as caught:

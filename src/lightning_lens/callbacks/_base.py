@@ -48,7 +48,7 @@ import torch
 from lightning_lens._pl import Callback, pl
 from lightning_lens.utils.checks import check_bool, check_int
 
-__all__ = ["LensCallback", "OverheadBudget", "check_displayable", "first_validation_batch", "log",
+__all__ = ["GROUP_OVERHEAD_FACTOR", "LensCallback", "OverheadBudget", "check_displayable", "first_validation_batch", "log",
            "summaries_enabled"]
 
 #: the package's console logger. Like Lightning's own, it prints INFO lines to stderr unless the application has set
@@ -92,9 +92,15 @@ class OverheadBudget:
 
     Pure bookkeeping, no Lightning: ``start()`` when the fit starts, ``spend(seconds)`` for the callback's own time,
     ``allows(epoch, max_epochs, cost)`` before optional work. The training time is the wall time since ``start`` minus
-    the callback's own time. Work is allowed when the time spent so far, plus ``cost``, plus ``reserve`` (the cost of
+    the callbacks' own time. Work is allowed when the time spent so far, plus ``cost``, plus ``reserve`` (the cost of
     a run that must still happen, e.g. at the last epoch) stays within ``max_overhead`` of the projected training time
     of the whole fit (``max_epochs`` known) or of the training time so far (unknown).
+
+    Several callbacks of one trainer also share a **group** budget (:meth:`join`): their time together stays within
+    :data:`GROUP_OVERHEAD_FACTOR` times the largest ``max_overhead`` among them (never more than the sum of their
+    budgets), so one callback alone may use its 5 % and any number of them together 10 %. Each member declares what
+    it must still spend whatever the budget says (its run at the last epoch, a check at the end of fit) with
+    :meth:`reserve`; optional work of one member leaves room for the others' reserves.
 
     Example:
         >>> budget = OverheadBudget(0.05)
@@ -103,6 +109,15 @@ class OverheadBudget:
         >>> budget.allows(epoch=9, max_epochs=10, cost=0.5, now=20.5)  # 20 s of training so far: 1 s is the budget
         True
         >>> budget.allows(epoch=9, max_epochs=10, cost=0.6, now=20.5)
+        False
+        >>> group = OverheadBudget(None)
+        >>> group.start(now=0.0)
+        >>> a, b = OverheadBudget(0.05), OverheadBudget(0.05)
+        >>> for member in (a, b):
+        ...     member.join(group, now=0.0)
+        >>> a.spend(0.9)
+        >>> b.reserve(0.8)  # b must still run at the last epoch
+        >>> a.allows(epoch=9, max_epochs=10, cost=0.1, now=20.9)  # a's own 5 % allows it, the group's 10 % does not
         False
     """
 
@@ -117,19 +132,63 @@ class OverheadBudget:
         self.max_overhead = None if max_overhead is None else float(max_overhead)
         self.started: Optional[float] = None
         self.spent = 0.0
+        self.group: Optional[OverheadBudget] = None
+        # on a group: every member's spending (the training time excludes it) and the members' budgets and reserves
+        self.spent_by_all = 0.0
+        self.members: list[OverheadBudget] = []
+        self.reserved: dict[int, float] = {}
 
     def start(self, now: Optional[float] = None) -> None:
         self.started = time.perf_counter() if now is None else now
         self.spent = 0.0
+        self.spent_by_all = 0.0
+        self.reserved = {}
+
+    def join(self, group: "OverheadBudget", now: Optional[float] = None) -> None:
+        """Start this budget as a member of ``group`` (see the class docstring)."""
+        self.start(now)
+        self.group = group
+        group.members.append(self)
+        limits = [m.max_overhead for m in group.members if m.max_overhead is not None]
+        group.max_overhead = min(sum(limits), GROUP_OVERHEAD_FACTOR * max(limits)) if limits else None
 
     def spend(self, seconds: float) -> None:
-        self.spent += max(0.0, float(seconds))
+        seconds = max(0.0, float(seconds))
+        self.spent += seconds
+        self.spent_by_all += seconds
+        if self.group is not None:
+            self.group.spent_by_all += seconds
+            if self.max_overhead is not None:  # an unlimited member's time is not charged to the others
+                self.group.spent += seconds
+
+    def reserve(self, seconds: float) -> None:
+        """What this member must still spend whatever the budget says (0 once it is spent)."""
+        if self.group is not None:
+            self.group.reserved[id(self)] = max(0.0, float(seconds))
 
     def training_seconds(self, now: Optional[float] = None) -> float:
         if self.started is None:
             return 0.0
         now = time.perf_counter() if now is None else now
-        return max(0.0, now - self.started - self.spent)
+        spent = self.group.spent_by_all if self.group is not None else self.spent_by_all
+        return max(0.0, now - self.started - spent)
+
+    def left(
+        self, epoch: int, max_epochs: Optional[int], reserve: float = 0.0, now: Optional[float] = None
+    ) -> Optional[float]:
+        """Seconds of optional work this budget (and its group) still allows after ``reserve``; None: no limit."""
+        if self.max_overhead is None or self.started is None:
+            return None
+        trained = self.training_seconds(now)
+        projected = trained
+        if max_epochs is not None and max_epochs > epoch + 1 and epoch >= 0:
+            projected = trained / (epoch + 1) * max_epochs
+        left = self.max_overhead * projected - self.spent - reserve
+        group = self.group
+        if group is not None and group.max_overhead is not None:
+            others = sum(v for k, v in group.reserved.items() if k != id(self))
+            left = min(left, group.max_overhead * projected - group.spent - others - reserve)
+        return left
 
     def allows(
         self,
@@ -139,13 +198,35 @@ class OverheadBudget:
         reserve: float = 0.0,
         now: Optional[float] = None,
     ) -> bool:
-        if self.max_overhead is None or self.started is None:
-            return True
-        trained = self.training_seconds(now)
-        projected = trained
-        if max_epochs is not None and max_epochs > epoch + 1 and epoch >= 0:
-            projected = trained / (epoch + 1) * max_epochs
-        return self.spent + cost + reserve <= self.max_overhead * projected
+        left = self.left(epoch, max_epochs, reserve, now)
+        return left is None or cost <= left
+
+
+#: lightning-lens callbacks of one trainer together use at most this many times the largest ``max_overhead`` among
+#: them (and never more than the sum of their budgets): one callback 5 %, two or more together 10 % by default.
+GROUP_OVERHEAD_FACTOR = 2.0
+
+#: the group budget of each trainer's lightning-lens callbacks (see :class:`OverheadBudget`), created by the first
+#: member's ``setup`` of each fit
+_GROUP_BUDGETS: "weakref.WeakKeyDictionary[Any, OverheadBudget]" = weakref.WeakKeyDictionary()
+
+
+def _join_group(trainer: Any, budget: OverheadBudget) -> None:
+    group = _GROUP_BUDGETS.get(trainer) if _weakrefable(trainer) else None
+    if group is None or budget in group.members:  # the first member of this fit, or a new fit
+        group = OverheadBudget(None)
+        group.start()
+        if _weakrefable(trainer):
+            _GROUP_BUDGETS[trainer] = group
+    budget.join(group)
+
+
+def _weakrefable(obj: Any) -> bool:
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True
 
 
 class LensCallback(Callback):
@@ -189,6 +270,7 @@ class LensCallback(Callback):
         self._due: Optional[tuple[Any, int, bool]] = None
         self._first_epoch: Optional[int] = None
         self._run_cost = 0.0  # seconds of the last due epoch's work
+        self._at_last = False  # the due epoch being decided is the fit's last
         self._dry_run_done = False
 
     # ------------------------------------------------------------------------------------------------ subclass wrapping
@@ -226,7 +308,7 @@ class LensCallback(Callback):
             self._due = None
             self.run_epochs = []
             self._summary_logged = False
-            self.budget.start()
+            _join_group(trainer, self.budget)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._dry_run(trainer, pl_module)
@@ -289,7 +371,8 @@ class LensCallback(Callback):
         if self._first_epoch is None:
             self._first_epoch = epoch
         last = _last_epoch(trainer)
-        if epoch == self._first_epoch or (last is not None and epoch >= last):
+        self._at_last = last is not None and epoch >= last
+        if epoch == self._first_epoch or self._at_last:
             return True
         if (epoch + 1) % self.every_n_epochs != 0:
             return False
@@ -306,8 +389,10 @@ class LensCallback(Callback):
         return False
 
     def record_run_cost(self, seconds: float) -> None:
-        """The cost of one due epoch's work (used to decide whether the next one fits the budget)."""
+        """The cost of one due epoch's work (used to decide whether the next one fits the budget); until the last
+        epoch it is also this callback's reserve in the trainer's group budget (its last epoch must still run)."""
         self._run_cost = max(0.0, float(seconds))
+        self.budget.reserve(0.0 if self._at_last or self.every_n_epochs is None else self._run_cost)
 
     # ------------------------------------------------------------------------------------------------- failure handling
     def run_part(

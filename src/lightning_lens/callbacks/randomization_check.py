@@ -242,10 +242,11 @@ class RandomizationSanityCheck(ProbeCallback):
                 return
             inputs, labels = self._dry_run_examples(source)
             inputs = inputs.to(_device(clone))
-            logits = self._check_output(clone, inputs)
+            logits, num_stages = self._check_output(clone, inputs)
             target = None
             if self.target == "label":  # every label of the batch is checked (cheap), two are explained
                 target = self._check_labels(labels, logits.shape[1])[: inputs.shape[0]].to(inputs.device)
+            start = time.perf_counter()
             for label, spec in self._method_specs:
                 method = _bind(label, spec, pl_module, clone, memo)
                 try:
@@ -256,6 +257,10 @@ class RandomizationSanityCheck(ProbeCallback):
                         f" examples with {type(err).__name__}: {err}. Fix its options (a (name, kwargs) pair) or"
                         " leave it out of methods"
                     ) from err
+            if self.run_at_fit_end:
+                # the check at the end of fit runs whatever the budget says: the trainer's other lightning-lens
+                # callbacks leave room for it. A rough guess: every stage explained like this dry run, plus drawing.
+                self.budget.reserve((time.perf_counter() - start) * (num_stages + 2) + _DRAWING_SECONDS)
 
     def _dry_run_examples(self, source: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if isinstance(source, ProbeSet):
@@ -267,15 +272,15 @@ class RandomizationSanityCheck(ProbeCallback):
             raise ValueError(f"RandomizationSanityCheck: {err.args[0] if err.args else err}") from err
         return inputs[:_DRY_RUN_PROBES].detach().clone(), None if labels is None else labels.detach().cpu()
 
-    def _check_output(self, clone: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    def _check_output(self, clone: torch.nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
         from lightning_lens.sanity import find_layers
         from lightning_lens.sanity._common import checked_logits
 
         outputs: list = []
         try:
             # the same discovery pass the check makes: finds the layers (and checks named `layers`) and the output
-            find_layers(clone, inputs, self.layers, output=outputs)
-            return checked_logits(outputs, inputs)
+            layers, _ = find_layers(clone, inputs, self.layers, output=outputs)
+            return checked_logits(outputs, inputs), len(layers)
         except (TypeError, ValueError) as err:
             raise type(err)(f"RandomizationSanityCheck: {err}") from err
 
@@ -325,6 +330,7 @@ class RandomizationSanityCheck(ProbeCallback):
             )
             return
         self._check(trainer, pl_module, probes, "end of fit")
+        self.budget.reserve(0.0)
 
     # ----------------------------------------------------------------------------------------------------- internals
     def _targets(self, probes: ProbeSet) -> Union[torch.Tensor, str, None]:
@@ -456,7 +462,7 @@ class RandomizationSanityCheck(ProbeCallback):
                 shown = [m for m in report.metrics if m in self.figure_metrics or m == self.rule.metric]
             for metric in sorted(shown, key=lambda m: m != self.rule.metric):
                 tag = "sanity/similarity" if metric == self.rule.metric else f"sanity/similarity/{metric}"
-                loggers.log_figure(trainer, tag, render.similarity_figure(report, [metric]), step=step)
+                loggers.log_image(trainer, tag, render.similarity_chart(report, [metric]), step=step)
 
         if self.grid_probes:
             self.run_part(trainer, "cascade grid", cascade)
@@ -472,6 +478,10 @@ class RandomizationSanityCheck(ProbeCallback):
         from lightning_lens.report.summaries import sanity_summary
 
         return None if self._last_report is None else sanity_summary(self._last_report)
+
+
+#: seconds the end-of-fit figures, table and JSON take, roughly (part of the reserve in the group budget)
+_DRAWING_SECONDS = 0.05
 
 
 def _part(label: str) -> str:

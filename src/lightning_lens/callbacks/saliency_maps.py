@@ -699,14 +699,15 @@ class SaliencyMapCallback(ProbeCallback):
         return min(limits)
 
     def _overhead_allowance(self, trainer: "pl.Trainer") -> Optional[float]:
-        """What is left of the fit's overhead budget, shared with the last epoch's run when this is not the last."""
-        budget = self.budget
-        if budget.max_overhead is None or budget.started is None or trainer.state.fn != "fit":
+        """What is left of the fit's overhead budget (this callback's and the trainer's group budget), shared with
+        the last epoch's run when this is not the last."""
+        if self.budget.started is None or trainer.state.fn != "fit":
             return None
         epoch, last = int(trainer.current_epoch), _last_epoch(trainer)
-        trained = budget.training_seconds()
-        projected = trained / (epoch + 1) * (last + 1) if last is not None and last > epoch else trained
-        left = max(0.0, budget.max_overhead * projected - budget.spent)
+        left = self.budget.left(epoch, None if last is None else last + 1)
+        if left is None:
+            return None
+        left = max(0.0, left)
         return left / 2 if last is not None and epoch < last else left
 
     def _report_deferred(

@@ -8,6 +8,7 @@ absolute maps on a sequential one (``inferno``); channels aggregated by ``reduce
 is the 99th percentile of ``|a|``, NaN/inf are drawn as 0.
 """
 
+from lightning_lens.render.chart import ChartPanel, ChartSeries, LineChart
 from lightning_lens.render.figures import figure_to_array, new_figure, plot_curves, plot_heatmap_matrix
 from lightning_lens.render.grid import MISTAKE_COLOR, colorbar_strip, image_grid
 from lightning_lens.render.heatmap import (
@@ -24,6 +25,7 @@ from lightning_lens.render.sanity import (
     CONTROL_EXPECTATIONS,
     cascade_grid,
     short_layer_names,
+    similarity_chart,
     similarity_figure,
     verdict_lines,
     verdict_table,
@@ -33,6 +35,9 @@ from lightning_lens.render.text import decode_tokens, special_token_ids, text_he
 
 __all__ = [
     "CONTROL_EXPECTATIONS",
+    "ChartPanel",
+    "ChartSeries",
+    "LineChart",
     "DIVERGING_CMAP",
     "MISTAKE_COLOR",
     "SEQUENTIAL_CMAP",
@@ -52,6 +57,7 @@ __all__ = [
     "plot_heatmap_matrix",
     "reduce_channels",
     "short_layer_names",
+    "similarity_chart",
     "similarity_figure",
     "special_token_ids",
     "text_heatmap",

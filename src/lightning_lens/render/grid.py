@@ -57,6 +57,11 @@ def _resize_nearest(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return img[rows[:, None], cols[None, :]]
 
 
+#: rasterized lines of text by (font file, size, text), oldest dropped first beyond _RENDERED_MAX entries
+_RENDERED: dict[tuple[str, float, str], tuple[np.ndarray, int]] = {}
+_RENDERED_MAX = 4096
+
+
 class _TextMeasurer:
     """Measures, wraps and rasterizes strings with matplotlib's FreeType font objects (72 dpi: 1 point = 1 pixel).
 
@@ -85,11 +90,21 @@ class _TextMeasurer:
         return total
 
     def render(self, text: str) -> tuple[np.ndarray, int]:
-        """(coverage uint8 (h, w), descent in pixels) of one line."""
-        self.font.set_size(self.fontsize, 72)
-        self.font.set_text(text, 0.0)
-        self.font.draw_glyphs_to_bitmap(antialiased=True)
-        return np.asarray(self.font.get_image()), int(round(self.font.get_descent() / 64.0))
+        """(coverage uint8 (h, w), descent in pixels) of one line (read-only: shared by a cache, since the same
+        labels come back every epoch and FreeType's layout is most of a grid's drawing time)."""
+        key = (self.font.fname, self.fontsize, text)
+        cached = _RENDERED.get(key)
+        if cached is None:
+            self.font.set_size(self.fontsize, 72)
+            self.font.set_text(text, 0.0)
+            self.font.draw_glyphs_to_bitmap(antialiased=True)
+            coverage = np.array(self.font.get_image())
+            coverage.setflags(write=False)
+            cached = (coverage, int(round(self.font.get_descent() / 64.0)))
+            if len(_RENDERED) >= _RENDERED_MAX:
+                _RENDERED.pop(next(iter(_RENDERED)))  # the oldest entry
+            _RENDERED[key] = cached
+        return cached
 
     def wrap(self, text: str, max_width: float, max_lines: int = 3) -> list[str]:
         """Split ``text`` into lines no wider than ``max_width``: at spaces, ``_``, ``/``, ``.``, ``-``, or anywhere."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from lightning_lens.utils.checks import check_int, check_str_list, check_tensor
 if TYPE_CHECKING:  # only for annotations: render does not depend on the sanity package
     from lightning_lens.sanity import RandomizationReport
 
-__all__ = ["CONTROL_EXPECTATIONS", "VERDICT_COLUMNS", "cascade_grid", "short_layer_names", "similarity_figure",
+__all__ = ["CONTROL_EXPECTATIONS", "VERDICT_COLUMNS", "cascade_grid", "short_layer_names", "similarity_chart",
+           "similarity_figure",
            "verdict_lines", "verdict_table"]
 
 #: The model-independent controls a check runs beside the methods, with the verdict each is expected to get and why.
@@ -137,6 +138,94 @@ def cascade_grid(
                       cell_size=cell_size)
 
 
+class _SimilarityLine(NamedTuple):
+    index: int  # the method's position in the report (its colour)
+    label: str
+    control: bool
+    median: np.ndarray  # per stage, stage 0 = the ceiling
+    low: np.ndarray  # interquartile band (stage 0: the ceiling)
+    high: np.ndarray
+    floor: float
+
+
+def _plotted_metrics(report: "RandomizationReport", metrics: Optional[Sequence[str]]) -> list[str]:
+    if metrics is not None:
+        wanted = set(check_str_list(metrics, "metrics"))
+        chosen = [m for m in report.metrics if m in wanted]
+    else:
+        chosen = list(report.metrics)
+    if not chosen:
+        raise ValueError(
+            f"no similarity metric to plot: the report computed {list(report.metrics)}; pass some of them as metrics"
+        )
+    return chosen
+
+
+def _similarity_lines(report: "RandomizationReport", metric: str) -> list[_SimilarityLine]:
+    """What one panel shows, for both renderers: per method that computed ``metric``, its median curve, its
+    interquartile band over the probes and its floor."""
+    lines = []
+    for index, (name, r) in enumerate(report.results.items()):
+        if metric not in r.similarity:
+            continue
+        per_example = r.similarity[metric].float()
+        ceiling = torch.tensor([float(r.ceiling[metric])])
+        low = torch.cat([ceiling, per_example.nanquantile(0.25, dim=1)])
+        high = torch.cat([ceiling, per_example.nanquantile(0.75, dim=1)])
+        lines.append(_SimilarityLine(index, _control_label(name), name in CONTROL_EXPECTATIONS,
+                                     report.curve(name, metric).numpy(), low.numpy(), high.numpy(),
+                                     float(r.floor[metric])))
+    return lines
+
+
+def _y_range(metric: str) -> tuple[float, float]:
+    return (-1.05 if metric == "spearman_signed" else -0.3, 1.05)
+
+
+_SIMILARITY_TITLE = "similarity to the original maps per randomization stage\n(lower = the maps changed with the model)"
+_SIMILARITY_KEYS = ("dashed: floor (maps of two\nunrelated inputs)", "band: interquartile range\nover the probes",
+                    "stage 'original': ceiling\n(re-run of the method)")
+
+
+def similarity_chart(report: "RandomizationReport", metrics: Optional[Sequence[str]] = None) -> np.ndarray:
+    """:func:`similarity_figure`'s picture as a uint8 ``(H, W, 3)`` image, rasterized directly
+    (:class:`~lightning_lens.render.chart.LineChart`, a few milliseconds instead of ~0.1 s for a Figure): what
+    :class:`~lightning_lens.callbacks.RandomizationSanityCheck` logs. Same panels, lines, bands, dashed floors,
+    stage names (upright, reading upwards) and legend under the plot.
+
+    Example:
+        >>> from lightning_lens.sanity import cascading_randomization
+        >>> from lightning_lens.testing import SmallCNN
+        >>> report = cascading_randomization(SmallCNN(width=2), torch.rand(2, 1, 32, 32), methods="gradient")
+        >>> image = similarity_chart(report, ["spearman_signed"])
+        >>> image.dtype, image.shape[1]
+        (dtype('uint8'), 520)
+    """
+    return _similarity_line_chart(report, metrics).draw()
+
+
+def _similarity_line_chart(report: "RandomizationReport", metrics: Optional[Sequence[str]]) -> Any:
+    from lightning_lens.render.chart import TAB10, ChartPanel, ChartSeries, LineChart
+
+    panels = []
+    for metric in _plotted_metrics(report, metrics):
+        series = [
+            ChartSeries(line.label, line.median.tolist(), TAB10[line.index % 10], marker="s" if line.control else "o",
+                        width=1.3 if line.control else 2.0, band=(line.low.tolist(), line.high.tolist()),
+                        reference=line.floor)
+            for line in _similarity_lines(report, metric)
+        ]
+        panels.append(ChartPanel(metric, _y_range(metric), series))
+    legend = [(_control_label(name), TAB10[i % 10], "line") for i, name in enumerate(report.results)]
+    legend += [(_SIMILARITY_KEYS[0], _GRAY, "dashed"), (_SIMILARITY_KEYS[1], _GRAY, "band"),
+               (_SIMILARITY_KEYS[2], _GRAY, "marker")]
+    return LineChart(panels, ["original", *short_layer_names(report.stages)], title=_SIMILARITY_TITLE.split("\n"),
+                     x_title="randomized up to layer (stage)", legend=legend)
+
+
+_GRAY = (102, 102, 102)
+
+
 def similarity_figure(report: "RandomizationReport", metrics: Optional[Sequence[str]] = None) -> Figure:
     """One panel per metric, stacked over a shared x axis (the stages, named once at the bottom, layer names
     shortened by :func:`short_layer_names`), and a legend under the plot that names the methods (controls marked)
@@ -159,15 +248,7 @@ def similarity_figure(report: "RandomizationReport", metrics: Optional[Sequence[
         >>> [ax.get_ylabel() for ax in similarity_figure(report).axes][:2]
         ['spearman_abs', 'spearman_signed']
     """
-    if metrics is not None:
-        wanted = set(check_str_list(metrics, "metrics"))
-        metrics = [m for m in report.metrics if m in wanted]
-    else:
-        metrics = list(report.metrics)
-    if not metrics:
-        raise ValueError(
-            f"no similarity metric to plot: the report computed {list(report.metrics)}; pass some of them as metrics"
-        )
+    metrics = _plotted_metrics(report, metrics)
     ticks = ["original", *short_layer_names(report.stages)]
     n_entries = len(report.results) + 3  # the methods, then what the dashed lines, bands and stage 0 are (a guess of
     # the legend's height, corrected once it is measured)
@@ -184,22 +265,15 @@ def similarity_figure(report: "RandomizationReport", metrics: Optional[Sequence[
     fig.subplots_adjust(left=0.14, right=0.97, top=1 - top / height, bottom=(axis + legend_h) / height, hspace=0.12)
     x = np.arange(report.num_stages + 1)
     for ax, metric in zip(axes, metrics):
-        for index, (name, r) in enumerate(report.results.items()):
-            if metric not in r.similarity:
-                continue
-            color = f"C{index % 10}"
-            control = name in CONTROL_EXPECTATIONS
-            ax.plot(x, report.curve(name, metric).numpy(), marker="s" if control else "o", ms=4, color=color,
-                    label=_control_label(name), linewidth=1.0 if control else 1.6)
-            per_example = r.similarity[metric].float()
-            ceiling = torch.tensor([float(r.ceiling[metric])])
-            low = torch.cat([ceiling, per_example.nanquantile(0.25, dim=1)])
-            high = torch.cat([ceiling, per_example.nanquantile(0.75, dim=1)])
-            ax.fill_between(x, low.numpy(), high.numpy(), color=color, alpha=0.15, linewidth=0)
-            if math.isfinite(r.floor[metric]):
-                ax.axhline(r.floor[metric], color=color, linestyle="--", linewidth=0.9)
+        for line in _similarity_lines(report, metric):
+            color = f"C{line.index % 10}"
+            ax.plot(x, line.median, marker="s" if line.control else "o", ms=4, color=color, label=line.label,
+                    linewidth=1.0 if line.control else 1.6)
+            ax.fill_between(x, line.low, line.high, color=color, alpha=0.15, linewidth=0)
+            if math.isfinite(line.floor):
+                ax.axhline(line.floor, color=color, linestyle="--", linewidth=0.9)
         ax.set_ylabel(metric, fontsize=10)
-        ax.set_ylim(-1.05 if metric == "spearman_signed" else -0.3, 1.05)
+        ax.set_ylim(*_y_range(metric))
         ax.tick_params(labelsize=9.5)
         ax.grid(alpha=0.3)
     axes[-1].set_xticks(x)
@@ -210,9 +284,9 @@ def similarity_figure(report: "RandomizationReport", metrics: Optional[Sequence[
         for handle, label in zip(*ax.get_legend_handles_labels()):
             lines.setdefault(label, handle)
     # proxies that explain the line styles: what the dashed lines and the bands are
-    lines["dashed: floor (maps of two\nunrelated inputs)"] = Line2D([], [], color="0.4", linestyle="--", linewidth=0.9)
-    lines["band: interquartile range\nover the probes"] = Patch(color="0.4", alpha=0.15, linewidth=0)
-    lines["stage 'original': ceiling\n(re-run of the method)"] = Line2D([], [], color="0.4", marker="o", ms=4,
+    lines[_SIMILARITY_KEYS[0]] = Line2D([], [], color="0.4", linestyle="--", linewidth=0.9)
+    lines[_SIMILARITY_KEYS[1]] = Patch(color="0.4", alpha=0.15, linewidth=0)
+    lines[_SIMILARITY_KEYS[2]] = Line2D([], [], color="0.4", marker="o", ms=4,
                                                                          linestyle="none")
     legend = fig.legend(list(lines.values()), list(lines), fontsize=9.5, loc="lower left", ncol=2,
                         bbox_to_anchor=(0.01, 0.0), frameon=False, columnspacing=1.0, handlelength=1.8)
@@ -221,7 +295,7 @@ def similarity_figure(report: "RandomizationReport", metrics: Optional[Sequence[
     height = panel * len(metrics) + top + axis + measured
     fig.set_size_inches(width, height)
     fig.subplots_adjust(top=1 - top / height, bottom=(axis + measured) / height)
-    fig.suptitle("similarity to the original maps per randomization stage\n(lower = the maps changed with the model)",
+    fig.suptitle(_SIMILARITY_TITLE,
                  fontsize=10.5, x=0.02, ha="left", y=1 - 0.04 / height, va="top")
     return fig
 
