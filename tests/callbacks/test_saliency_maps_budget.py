@@ -96,3 +96,26 @@ def test_max_overhead_defers_methods_within_the_first_and_last_epoch(saliency_lo
     messages = [r.getMessage() for r in caplog.records]
     assert any("deferred ['b', 'c'] at epoch 0 to stay within max_overhead=0.05" in m for m in messages)
     assert any("epoch 1 skipped to stay within max_overhead=0.05" in m for m in messages)
+
+
+class SlowTraining(LitClassifier):
+    """Training steps of a known length (0.1 s each), so the budget's training time is controlled too."""
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.1)
+        return super().training_step(batch, batch_idx)
+
+
+def test_between_the_first_and_last_epoch_no_method_runs_past_max_overhead(saliency_loaders, trainer_kwargs):
+    calls: list[str] = []
+    # 2 training steps per epoch (0.2 s), 4 epochs: about 0.8 s of training, so max_overhead=1.0 allows ~0.8 s; the
+    # dry run spends ~0.5 s. The dear method "b" (0.5 s) is deferred at epoch 0, then waits longest: in the optional
+    # epochs it no longer fits and must not run first anyway (before: it did, spending ~1.5 s against ~0.8 s)
+    cb = Timed(methods=[Sleepy("a", 0.005, calls), Sleepy("b", 0.5, calls)], num_probes=2, max_overhead=1.0,
+               log_scalars=False, cell_size=8)
+    trainer = Trainer(**trainer_kwargs(max_epochs=4, logger=False, callbacks=[cb], num_sanity_val_steps=0))
+    trainer.fit(SlowTraining(model=SmallCNN(width=4)), *saliency_loaders(n_train=32, n_val=16))
+    ran = [methods for methods, _ in cb.epochs]
+    assert ran[0] == ["a"] and "b" in ran[-1]  # the first and the last epoch log; "b" gets its turn at the end
+    assert all(methods == ["a"] for methods in ran[1:-1])  # in between only what fits
+    assert calls.count("b") == 2  # the dry run and the last epoch

@@ -45,8 +45,13 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
+from lightning_lens import evaluation, loggers, render, report  # noqa: F401
 from lightning_lens._pl import Callback, pl
 from lightning_lens.utils.checks import check_bool, check_int
+
+# The packages the callbacks' hooks use are imported with the callbacks, not inside the first hook of a fit: a first
+# import there would be counted as the callback's overhead (~0.1 s when Python cannot cache bytecode).
+loggers.sinks.warm_up()
 
 __all__ = ["GROUP_OVERHEAD_FACTOR", "LensCallback", "OverheadBudget", "check_displayable", "first_validation_batch", "log",
            "summaries_enabled"]
@@ -387,6 +392,13 @@ class LensCallback(Callback):
                 f" {self.budget.training_seconds():.1f}s of training); raise max_overhead to run it"
             )
         return False
+
+    def is_mandatory_epoch(self, trainer: "pl.Trainer") -> bool:
+        """Whether the due work of this epoch runs whatever the budget says: the first and the last epoch of a fit,
+        and every run outside fit (``trainer.validate()``). Call it after :meth:`is_due`."""
+        if trainer.state.fn != "fit":
+            return True
+        return int(trainer.current_epoch) == self._first_epoch or self._at_last
 
     def record_run_cost(self, seconds: float) -> None:
         """The cost of one due epoch's work (used to decide whether the next one fits the budget); until the last

@@ -114,7 +114,8 @@ class SaliencyMapCallback(ProbeCallback):
     every ``trainer.validate()``. With ``max_overhead`` (default 5 % of the fit's time) the epochs in between are
     spaced so that the callback's cumulative time stays within it, and within a logged epoch methods whose cost
     (measured at their last run, or at setup) would break the budget are deferred. The method that waited longest
-    always runs, so deferred methods run first the next time and every method is logged in turn.
+    runs even if it takes longer than ``time_budget``, and deferred methods run first the next time, so every method
+    is logged in turn; past ``max_overhead`` it runs only at the first and the last epoch.
 
     **Checks at setup.** Before the first training step, one validation batch checks the configuration: the batch
     keys, the labels, ``denormalize`` against the channel count, the model's ``(batch, classes)`` output and a dry
@@ -613,10 +614,12 @@ class SaliencyMapCallback(ProbeCallback):
             targets = self._targets(probes, preds)
             masks = self._masks(probes, _device(inputs))
             display = self._display_images(trainer, probes.inputs)
+            # the method that waited longest runs even past time_budget (so every method is logged in turn), and
+            # past max_overhead only at the first and the last epoch; the others when their estimated cost fits
+            overhead = None if self.is_mandatory_epoch(trainer) else self._overhead_allowance(trainer)
             for k, (name, method) in enumerate(self._method_order()):
-                # the method that waited longest always runs (so every method is logged in turn); the others if
-                # their estimated cost fits what is left
-                if k == 0 or self._fits(name, time.perf_counter() - start, limit):
+                first = k == 0 and (overhead is None or self._fits(name, 0.0, overhead))
+                if first or self._fits(name, time.perf_counter() - start, limit):
                     self._run_method(trainer, name, method, pl_module, probes, display, inputs, targets, masks,
                                      preds, probs, step, computed, scalars)
                 else:

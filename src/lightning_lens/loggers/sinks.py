@@ -290,6 +290,22 @@ def fast_tensorboard_checksums() -> bool:
 _FAST_CRC: Optional[bool] = None
 
 
+def warm_up() -> None:
+    """Import what the first image write needs (Pillow's PNG encoder and its plugins, TensorBoard's summary protocol
+    buffers, the compiled CRC module), so that the first write inside a training hook does not pay for it."""
+    from PIL import Image, PngImagePlugin  # noqa: F401
+
+    Image.preinit()
+    try:
+        from tensorboard.compat.proto import summary_pb2  # noqa: F401
+    except ImportError:
+        pass
+    try:
+        import google_crc32c  # noqa: F401
+    except ImportError:
+        pass
+
+
 def _tensorboard_image(writer: Any, tag: str, arr: np.ndarray, step: int) -> None:
     """``writer.add_image`` with the PNG encoded once, by :func:`_png_bytes`: ``add_image`` converts the array to
     float and back and encodes at zlib level 6. Writers other than torch's ``SummaryWriter`` get ``add_image``."""
