@@ -24,14 +24,15 @@ from lightning_lens.utils.checks import check_int
 
 #: the default cap on the number of input *elements* one block may hold (rows x elements per row), rounded down to
 #: whole samples of the batch when one sample of the whole batch fits, else a slice of the batch (at least one
-#: example), so a block's memory stays bounded whatever the batch size (issue 19). 2**16 float32 elements are 256 kB of
-#: input: for a batch of 32 images of 3x32x32 one sample per forward (32 rows), of 1x32x32 two samples (64 rows), for
-#: a single 3x32x32 image 21 rows. Activation memory grows with the input size, so an element budget keeps a block's
-#: memory roughly constant across input sizes. On CPU, larger blocks run *slower* per row (activations fall out of
-#: cache): ``benchmarks/attribution.py`` measured SmoothGrad at ~1.0x the cost of n plain gradient passes with 32-64
-#: rows per forward, but ~0.8x with 160 rows and ~0.5x with 1600 (batch of 32, 3x32x32, 4-conv CNN). On a GPU a
-#: larger ``batch_size`` may pay off.
-DEFAULT_ELEMENT_BUDGET = 2**16
+#: example), so a block's memory stays bounded whatever the batch size (issue 19). 2**17 float32 elements are 512 kB of
+#: input: for a batch of 32 images of 3x32x32 one sample per forward (32 rows; 2**16 split each sample into 21 + 11
+#: rows and was 10-20 % slower than Captum with ``internal_batch_size`` = batch), of 1x32x32 four samples (128 rows),
+#: for a single 3x32x32 image 42 rows. Activation memory grows with the input size, so an element budget keeps a
+#: block's memory roughly constant across input sizes. On CPU, much larger blocks run *slower* per row (activations
+#: fall out of cache): ``benchmarks/attribution.py`` measured SmoothGrad at ~1.1x the efficiency of n plain gradient
+#: passes with 64-160 rows per forward, but ~0.8x with 512 (batch of 32, 3x32x32, 4-conv CNN). On a GPU a larger
+#: ``batch_size`` may pay off.
+DEFAULT_ELEMENT_BUDGET = 2**17
 
 
 class Block(NamedTuple):
@@ -62,7 +63,7 @@ def resolve_batch_size(batch_size: Optional[int], batch: int, elements_per_row: 
 
     Example:
         >>> resolve_batch_size(None, 8, 3 * 32 * 32), resolve_batch_size(None, 64, 3 * 32 * 32)
-        (16, 21)
+        (40, 42)
         >>> resolve_batch_size(None, 4, 3 * 224 * 224), resolve_batch_size(5, 4, 10)
         (1, 5)
     """

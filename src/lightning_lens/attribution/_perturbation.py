@@ -538,7 +538,7 @@ class PerturbationAttribution(Attribution):
             For tuple or dict inputs a tuple or dict mirroring them (``None`` entries: the default groups, distinct
             from the other tensors'); the same id in two tensors is one group.
         batch_size: most rows per forward pass; ``None`` picks whole coalitions of the batch within a budget of
-            ``2**16`` input elements per pass. Results do not depend on it.
+            ``2**17`` input elements per pass. Results do not depend on it.
         eval_mode, output_fn: see :class:`~lightning_lens.attribution.base.Attribution`.
     """
 

@@ -33,7 +33,7 @@ class CompetitiveGradientXInput(Attribution):
     Args:
         model: the classifier.
         batch_size: most rows (examples x classes) per forward pass; ``None`` picks whole classes of the batch
-            within a budget of ``2**16`` input elements per pass. Results do not depend on it.
+            within a budget of ``2**17`` input elements per pass. Results do not depend on it.
         output_fn: maps the model's output to ``(B, C)`` or ``(B,)`` scores (see
             :func:`~lightning_lens.attribution.base.model_scores`); every class of those scores competes.
         eval_mode: see :class:`~lightning_lens.attribution.base.Attribution`.

@@ -27,7 +27,7 @@ class Gradient(Attribution):
         model: the model to explain.
         layer: a module of the model or its dotted name: the gradient with respect to that module's output, shaped
             like it (e.g. the embedding layer of a text model, whose token ids cannot be differentiated).
-        batch_size: most examples per forward pass; ``None`` picks slices within a budget of ``2**16`` input elements
+        batch_size: most examples per forward pass; ``None`` picks slices within a budget of ``2**17`` input elements
             per pass (21 images of 3x32x32, one image of 3x224x224, per pass), so activation memory does not
             grow with the batch. Results do not depend on it (in eval mode rows do not interact).
         output_fn: maps the model's output to ``(B, C)`` or ``(B,)`` scores (default: a tensor as it is, the first

@@ -96,7 +96,7 @@ class IntegratedGradients(Attribution):
             tensor) or a tuple/dict mirroring them (a ``None`` entry keeps the input's values, a missing key takes the
             default). By default the floating-point tensors are zero and the integer ones keep their values; with
             ``layer=`` every input tensor is zero (ids 0, masks too; ``forward_kwargs`` are never baselined).
-        batch_size: most rows per forward pass; ``None`` picks whole steps of the batch within a budget of ``2**16``
+        batch_size: most rows per forward pass; ``None`` picks whole steps of the batch within a budget of ``2**17``
             input elements per pass. Results do not depend on it beyond float rounding.
         layer: a module of the model or its dotted name (see above).
         output_fn: maps the model's output to ``(B, C)`` or ``(B,)`` scores (see :class:`Gradient`).

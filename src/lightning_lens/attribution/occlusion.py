@@ -66,7 +66,7 @@ class Occlusion(Attribution):
         stride: an int or tuple like ``window``; default half the window (rounded down, at least 1).
         baseline: the occluding value: a float (default 0) or a tensor broadcastable to the inputs.
         batch_size: most rows per forward pass; ``None`` picks whole window positions of the batch within a budget
-            of ``2**16`` input elements per pass. Results do not depend on it.
+            of ``2**17`` input elements per pass. Results do not depend on it.
         output_fn: maps the model's output to ``(B, C)`` or ``(B,)`` scores (see
             :func:`~lightning_lens.attribution.base.model_scores`).
         eval_mode: see :class:`~lightning_lens.attribution.base.Attribution`.

@@ -42,7 +42,7 @@ class RISE(Attribution):
         probability: ``p``, the probability that a cell is kept (default 0.5, the paper's).
         softmax: weight masks by the class probability (``True``, the paper) or by the logit.
         batch_size: most masked rows per forward pass; ``None`` picks whole masks of the batch within a budget of
-            ``2**16`` input elements per pass. Results do not depend on it.
+            ``2**17`` input elements per pass. Results do not depend on it.
         seed: mask seed; ``None`` draws fresh masks from OS entropy on each call. The global RNG is never used.
         output_fn: maps the model's output to ``(B, C)`` or ``(B,)`` scores (see
             :func:`~lightning_lens.attribution.base.model_scores`); the softmax is taken over those scores.

@@ -47,7 +47,7 @@ class SmoothGrad(Attribution):
         noise_level: noise standard deviation as a fraction of each example's value range (default 0.15).
         variant: ``"mean"``, ``"squared"`` or ``"var"``.
         batch_size: most rows per forward pass; ``None`` picks whole samples of the batch within a budget of
-            ``2**16`` input elements per pass (32 rows, one sample, for a batch of 32 images of 3x32x32). Results do not
+            ``2**17`` input elements per pass (32 rows, one sample, for a batch of 32 images of 3x32x32). Results do not
             depend on it.
         seed: noise seed. With an int, every call draws the same noise for the same input shape, so maps are
             reproducible (and comparable across models, as randomization sanity checks need). ``None`` draws fresh
