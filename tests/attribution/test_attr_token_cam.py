@@ -169,19 +169,7 @@ def shortcut_vit():
 
     train = SpuriousDigits("train", seed=0, train_shortcut_fraction=1.0)
     x, y = train.images[:640], train.labels[:640]
-    torch.manual_seed(0)
-    model = TinyViT(image_size=32, patch_size=4, num_classes=10, dim=32, heads=2, depth=2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    order = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        perm = torch.randperm(len(x), generator=order)
-        for i in range(0, len(x), 32):
-            rows = perm[i:i + 32]
-            loss = F.cross_entropy(model(x[rows]), y[rows])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    model = fit_vit(x, y, seed=0, epochs=4)
     consistent = SpuriousDigits("test", seed=0, eval_shortcut_fraction=1.0, eval_shortcut_mode="consistent")
     conflicting = SpuriousDigits("test", seed=0, eval_shortcut_fraction=1.0, eval_shortcut_mode="conflicting")
     with torch.no_grad():
