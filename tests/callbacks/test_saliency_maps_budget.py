@@ -119,3 +119,33 @@ def test_between_the_first_and_last_epoch_no_method_runs_past_max_overhead(salie
     assert ran[0] == ["a"] and "b" in ran[-1]  # the first and the last epoch log; "b" gets its turn at the end
     assert all(methods == ["a"] for methods in ran[1:-1])  # in between only what fits
     assert calls.count("b") == 2  # the dry run and the last epoch
+
+
+def test_epochs_before_the_last_keep_the_last_epochs_full_run_free():
+    """The last epoch's maps are the ones that matter: before it, the allowance leaves the cost of *every* method
+    (each at its last measured cost with its grid), not just of the last run, which may have been one method."""
+    from types import SimpleNamespace
+
+    from lightning_lens.callbacks._base import OverheadBudget
+
+    cb = SaliencyMapCallback(methods=["gradient", "smoothgrad", "integrated_gradients"], num_probes=2)
+    cb._methods = [(name, object()) for name in cb.method_names]
+    cb.part_seconds = {"method:gradient": 0.1, "method:smoothgrad": 0.3, "render:gradient": 0.05}
+    cb._estimates = {"integrated_gradients": 0.4}  # not run yet: the dry run's estimate
+    cb.record_run_cost(0.15)  # the last run: gradient alone
+    # every method with a grid (one not drawn yet costs like the dearest drawn): 0.15 + 0.35 + 0.45
+    assert cb.last_epoch_reserve() == pytest.approx(0.95)
+    group = OverheadBudget(None)
+    group.start(now=0.0)
+    cb.budget = OverheadBudget(0.5)
+    cb.budget.join(group, now=0.0)
+    cb.budget.spend(0.2)
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), current_epoch=1, max_epochs=4)
+    import time as clock
+
+    start = clock.perf_counter() - 1.2  # 1 s of training (plus the 0.2 s spent), 2 of 4 epochs: 2 s projected
+    cb.budget.started = group.started = start
+    # 0.5 x 2 s = 1 s of budget - 0.2 s spent - 0.95 s reserved for the last epoch: nothing left for this epoch
+    assert cb._overhead_allowance(trainer) == 0.0
+    trainer.current_epoch = 3  # the last epoch: all that is left, 0.5 x 1 s of training - 0.2 s spent
+    assert cb._overhead_allowance(trainer) == pytest.approx(0.3, abs=0.02)

@@ -381,7 +381,7 @@ class LensCallback(Callback):
             return True
         if (epoch + 1) % self.every_n_epochs != 0:
             return False
-        reserve = self._run_cost if last is not None and epoch < last else 0.0
+        reserve = self.last_epoch_reserve() if last is not None and epoch < last else 0.0
         if self.budget.allows(epoch, None if last is None else last + 1, self._run_cost, reserve=reserve):
             return True
         self.skipped_for_budget.append(epoch)
@@ -404,7 +404,12 @@ class LensCallback(Callback):
         """The cost of one due epoch's work (used to decide whether the next one fits the budget); until the last
         epoch it is also this callback's reserve in the trainer's group budget (its last epoch must still run)."""
         self._run_cost = max(0.0, float(seconds))
-        self.budget.reserve(0.0 if self._at_last or self.every_n_epochs is None else self._run_cost)
+        self.budget.reserve(0.0 if self._at_last or self.every_n_epochs is None else self.last_epoch_reserve())
+
+    def last_epoch_reserve(self) -> float:
+        """What the run at the last epoch will cost (kept free by the epochs before it): the last run's cost; a
+        subclass whose runs vary (methods taking turns) returns the cost of its full run."""
+        return self._run_cost
 
     # ------------------------------------------------------------------------------------------------- failure handling
     def run_part(

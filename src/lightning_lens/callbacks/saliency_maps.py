@@ -702,16 +702,21 @@ class SaliencyMapCallback(ProbeCallback):
         return min(limits)
 
     def _overhead_allowance(self, trainer: "pl.Trainer") -> Optional[float]:
-        """What is left of the fit's overhead budget (this callback's and the trainer's group budget), shared with
-        the last epoch's run when this is not the last."""
+        """What is left of the fit's overhead budget (this callback's and the trainer's group budget), after the last
+        epoch's full run when this is not the last."""
         if self.budget.started is None or trainer.state.fn != "fit":
             return None
         epoch, last = int(trainer.current_epoch), _last_epoch(trainer)
-        left = self.budget.left(epoch, None if last is None else last + 1)
-        if left is None:
-            return None
-        left = max(0.0, left)
-        return left / 2 if last is not None and epoch < last else left
+        before_last = last is not None and epoch < last
+        reserve = self.last_epoch_reserve() if before_last else 0.0
+        left = self.budget.left(epoch, None if last is None else last + 1, reserve=reserve)
+        return None if left is None else max(0.0, left)
+
+    def last_epoch_reserve(self) -> float:
+        """Every method with its grid, at its last measured cost (the last epoch's maps are the ones that matter)."""
+        estimates = [self._estimate(name) for name, _ in self._method_order()]
+        known = [e for e in estimates if e is not None]
+        return sum(known) if known else self._run_cost
 
     def _report_deferred(
         self, trainer: "pl.Trainer", deferred: list[str], reason: str, limit: Optional[float], elapsed: float,
