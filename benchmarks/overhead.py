@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 import warnings
 from collections import defaultdict
@@ -213,8 +214,7 @@ def main() -> None:
         if name == "none":
             cells = ["", "", ""]
         else:
-            ratios = sorted(w / b for w, b in zip(values, walls["none"]))
-            median = ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1:][:2]) / 2
+            median = statistics.median(w / b for w, b in zip(values, walls["none"]))
             cells = [f"{100 * (best / min(walls['none']) - 1):+.1f} %",
                      f"{100 * (min(cpus[name]) / min(cpus['none']) - 1):+.1f} %", f"{100 * (median - 1):+.1f} %"]
         print(f"{name:<30}{best:>8.2f}{cells[0]:>10}{cells[1]:>10}{cells[2]:>10}   {' '.join(f'{v:.2f}' for v in values)}")

@@ -205,7 +205,7 @@ def similarity_chart(report: "RandomizationReport", metrics: Optional[Sequence[s
 
 
 def _similarity_line_chart(report: "RandomizationReport", metrics: Optional[Sequence[str]]) -> Any:
-    from lightning_lens.render.chart import TAB10, ChartPanel, ChartSeries, LineChart
+    from lightning_lens.render.chart import _GRAY, TAB10, ChartPanel, ChartSeries, LineChart
 
     panels = []
     for metric in _plotted_metrics(report, metrics):
@@ -222,8 +222,6 @@ def _similarity_line_chart(report: "RandomizationReport", metrics: Optional[Sequ
     return LineChart(panels, ["original", *short_layer_names(report.stages)], title=_SIMILARITY_TITLE.split("\n"),
                      x_title="randomized up to layer (stage)", legend=legend)
 
-
-_GRAY = (102, 102, 102)
 
 
 def similarity_figure(report: "RandomizationReport", metrics: Optional[Sequence[str]] = None) -> Figure:
